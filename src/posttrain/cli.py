@@ -14,14 +14,6 @@ from pathlib import Path
 
 from posttrain.errors import UserError
 
-TRAIN_COMMANDS = {
-    "sft": "supervised fine-tuning (full, selective or PEFT)",
-    "dpo": "pairwise preference optimization (DPO, IPO, SimPO, ORPO, ... chosen by loss.name)",
-    "kto": "unpaired preference optimization: KTO, BCO, APO-zero on thumbs-up / thumbs-down data",
-    "rank": "ranking / listwise alignment over several scored responses: AFT, RRHF, PRO, ListNet",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calling a deprecated alias
@@ -44,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name, summary in TRAIN_COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=summary, epilog=recipe_help(name),
+    from posttrain.commands import COMMANDS
+
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.summary, description=command.summary, epilog=recipe_help(name),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (see `posttrain recipes`)")
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=5e-5 peft.method=dora")
@@ -96,9 +90,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_help(command: str) -> str:
-    from posttrain.config import RECIPE_SCHEMAS, section_type, describe_schema
+    from posttrain.commands import COMMANDS
+    from posttrain.config import describe_schema, section_type
 
-    schema = RECIPE_SCHEMAS[command]
+    schema = COMMANDS[command].schema
     lines = ["recipe keys (default, meaning):", *describe_schema(schema)]
     loss = section_type(schema.model_fields["loss"]) if "loss" in schema.model_fields else None
     if loss is not None:

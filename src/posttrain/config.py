@@ -259,9 +259,6 @@ class RankRecipe(PreferenceRecipe):
     )
 
 
-RECIPE_SCHEMAS: dict[str, type[Recipe]] = {"sft": SFTRecipe, "dpo": DPORecipe, "kto": KTORecipe, "rank": RankRecipe}
-
-
 def recipes_dir() -> Path:
     return Path(str(importlib.resources.files("posttrain") / "recipes"))
 
@@ -317,7 +314,9 @@ def load_recipe(command: str, path: str | None, overrides: list[str] = ()) -> Re
 
 
 def validate_recipe(command: str, tree: dict, source: str = "recipe") -> Recipe:
-    schema = RECIPE_SCHEMAS[command]
+    from posttrain.commands import COMMANDS
+
+    schema = COMMANDS[command].schema
     try:
         return schema.model_validate(tree)
     except ValidationError as exc:

@@ -67,11 +67,22 @@ def write_rank_state(staging: Path, rank: int) -> None:
     save_file(rng_tensors(), staging / f"rng-{rank}.safetensors")
 
 
-def write_main_state(staging: Path, model, optimizer, scheduler, state: dict) -> None:
+def write_main_state(staging: Path, model, optimizer, scheduler, state: dict, task_state: dict) -> None:
+    """The task's state goes to ``task.safetensors`` (its tensors) and ``state.json`` (everything else)."""
     save_file(trainable_state(model), staging / "trainable.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in task_state.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        save_file(tensors, staging / "task.safetensors")
+    state = {**state, "task": {k: v for k, v in task_state.items() if k not in tensors}}
     (staging / "state.json").write_text(json.dumps(state, indent=1))  # written last: marks completeness
+
+
+def load_task_state(directory: Path, saved: dict) -> dict:
+    """The task state a checkpoint holds: the JSON part from state.json plus task.safetensors, if any."""
+    tensors = load_file(directory / "task.safetensors") if (directory / "task.safetensors").exists() else {}
+    return {**saved, **tensors}
 
 
 def publish(staging: Path, root: Path, step: int, keep: int | None) -> Path:

@@ -1,19 +1,10 @@
-"""The one training loop. It knows nothing about the algorithm: a *task* turns batches into losses.
+"""The one training loop. It knows nothing about the algorithm: a *task* (``train/task.py``) says what is
+trained (``module``), what one optimizer step's micro-batches are (``step_batches``) and what their
+loss is (``normalizer``, ``loss``); it also evaluates, and keeps state that must survive a resume.
 
-A task provides ``collate(examples) -> Batch``, optionally ``module(model)`` (what is trained and
-differentiated; default: the target log-probs module) and ``collate_train(examples, step)`` (training
-batches that differ from evaluation ones, e.g. Masked Thought's masked inputs, seeded by the step), ``normalizer(batch)`` (how many units the
-step loss averages over: target tokens for SFT, pairs for DPO), ``loss(module, batch,
-normalizer) -> (loss, metrics)``, ``eval_sums`` and ``eval_metrics``; optionally ``setup(model,
-accelerator, train, eval)`` before training, ``prepare_step(module, micro_batches)`` for statistics
-of the whole optimizer step that every micro-batch's loss needs (KTO's reference point), and
-``state_dict`` / ``load_state_dict`` for state that must survive a resume (BCO's running reward mean).
-
-Each optimizer step takes ``batch_size * grad_accum * processes`` examples, fixed by the seed
-and the step number alone, so a resumed run sees exactly the data the uninterrupted run would.
-Before any backward pass the normalizer is summed over all micro-batches and processes; each
-micro-batch then contributes ``sum of its losses / global normalizer``, so neither the
-accumulation setting nor the number of processes changes the loss or the gradient.
+Before any backward pass the normalizer is summed over all micro-batches of the step and all
+processes; each micro-batch then contributes ``sum of its losses / global normalizer``, so neither
+the accumulation setting nor the number of processes changes the loss or the gradient.
 """
 
 from __future__ import annotations
@@ -32,7 +23,7 @@ from posttrain.config import Recipe, dump_recipe
 from posttrain.errors import UserError
 from posttrain.models import save_final
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.forward import TargetLogprobs
+from posttrain.train.task import sum_over_processes
 
 # Keys that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "report_to", "max_bad_steps"}
@@ -59,29 +50,6 @@ class Engine:
             )
         self.steps_per_epoch = len(train_examples) // self.examples_per_step
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
-
-    # -- data order ---------------------------------------------------------------------------
-    def step_indices(self, step: int) -> list[int]:
-        """Example indices of one optimizer step: a seeded permutation per epoch, read in order."""
-        n = len(self.train_examples)
-        start = step * self.examples_per_step
-        out: list[int] = []
-        while len(out) < self.examples_per_step:
-            epoch, offset = divmod(start + len(out), n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch))
-            out.extend(order[offset : offset + self.examples_per_step - len(out)].tolist())
-        return out
-
-    def micro_batches(self, step: int) -> list:
-        indices = self.step_indices(step)
-        per_rank = self.cfg.batch_size * self.cfg.grad_accum
-        mine = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
-        size = self.cfg.batch_size
-        collate = getattr(self.task, "collate_train", None) or (lambda examples, step: self.task.collate(examples))
-        return [
-            collate([self.train_examples[i] for i in mine[j : j + size]], step).to(self.acc.device)
-            for j in range(0, per_rank, size)
-        ]
 
     # -- setup --------------------------------------------------------------------------------
     def build_optimizer(self):
@@ -114,113 +82,125 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
-        acc, cfg = self.acc, self.cfg
         self.check_resumable()
-        module = self.task.module(self.model) if hasattr(self.task, "module") else TargetLogprobs(self.model, cfg.logprob_chunk)
-        optimizer = self.build_optimizer()
-        scheduler = self.build_scheduler(optimizer)  # not acc.prepare'd: it would step once per process
-        module, optimizer = acc.prepare(module, optimizer)
-        self.module = module
-
-        state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "bad_steps": 0}
-        checkpoints = ckpt.list_checkpoints(self.ckpt_root)
-        if not checkpoints and (self.out / "final").exists():
-            self.say(f"{self.out} holds a finished run without checkpoints: training again from step 0 (final/ is replaced)")
-        if checkpoints:
-            state = ckpt.load_checkpoint(checkpoints[-1], self.model, optimizer, scheduler, self.rank)
-            if hasattr(self.task, "load_state_dict"):
-                self.task.load_state_dict(state.get("task", {}))
-            self.say(f"resuming from {checkpoints[-1]} (step {state['step']} of {self.total_steps})")
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale(self.ckpt_root)
-            (self.out / "recipe.yaml").write_text(dump_recipe(self.recipe))
-            _truncate_log(self.out / "metrics.jsonl", state["step"])
-            _truncate_log(self.out / "eval.jsonl", state["step"])
-        trackers = [t for t in cfg.report_to]
-        if trackers:
-            acc.init_trackers("tensorboard" if trackers == ["tensorboard"] else self.out.name, config=_flat(self.recipe.model_dump(mode="json")))
-
+        module, optimizer, scheduler = self.prepare()
+        state = self.resume(optimizer, scheduler)
+        self.open_run_directory(state["step"])
         start_step = state["step"]
         history = {"first_loss": None, "last_loss": None, "eval": []}
         if self.eval_examples and start_step == 0:
             history["eval"].append(self.evaluate(0))
 
         bar = tqdm(total=self.total_steps, initial=start_step, desc=f"{self.task.name}", unit="step",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+                   disable=not self.acc.is_main_process, dynamic_ncols=True)
         clock = time.perf_counter()
-        window_tokens, window_start = 0, clock
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        window = {"tokens": 0, "start": clock}
         module.train()
         for step in range(start_step, self.total_steps):
-            batches = self.micro_batches(step)
-            if hasattr(self.task, "prepare_step"):
-                self.task.prepare_step(module, batches)
-            normalizer = self.reduce(sum(self.task.normalizer(b) for b in batches))
-            if normalizer <= 0:
-                raise TrainingError(f"step {step + 1}: the batch has nothing to train on")
-            loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
-            metric_totals: dict[str, float] = {}
-            for i, batch in enumerate(batches):
-                sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(module)
-                with sync:
-                    loss, metrics = self.task.loss(module, batch, normalizer)
-                    acc.backward(loss * self.world)  # DDP averages gradients over processes; we want the global sum
-                loss_total += loss.detach()
-                _accumulate(metric_totals, metrics)
-            step_tokens = int(self.reduce(sum(b.num_tokens for b in batches)))
-            step_loss = self.reduce(float(loss_total))
-            grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else _grad_norm(params)
-            grad_norm = float(grad_norm)
-
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                state["bad_steps"] += 1
-                self.say(f"step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); step skipped")
-                if state["bad_steps"] > cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{state['bad_steps']} consecutive non-finite steps (train.max_bad_steps={cfg.max_bad_steps}); "
-                        "lower train.lr, check the data, or use precision fp32. The last checkpoint is intact."
-                    )
-            else:
-                state["bad_steps"] = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, tokens, metrics = self.train_step(step, module, optimizer, state)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
-
-            state["step"] = step + 1
-            state["tokens"] += step_tokens
-            window_tokens += step_tokens
-            now = time.perf_counter()
-            history["first_loss"] = step_loss if history["first_loss"] is None else history["first_loss"]
-            history["last_loss"] = step_loss
-            if state["step"] % cfg.log_every == 0 or state["step"] == self.total_steps:
-                tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                record = {"step": state["step"], "loss": step_loss, "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                          "elapsed_s": state["elapsed_s"] + now - clock, "tokens": state["tokens"],
-                          "epoch": state["step"] / self.steps_per_epoch,
-                          **_ratios(self.reduce_dict(metric_totals))}
-                self.log("metrics.jsonl", record)
-                window_tokens, window_start = 0, now
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            self.task.after_step(self.model)
+            state["step"], state["tokens"] = step + 1, state["tokens"] + tokens
+            window["tokens"] += tokens
+            history["first_loss"] = loss if history["first_loss"] is None else history["first_loss"]
+            history["last_loss"] = loss
+            if state["step"] % self.cfg.log_every == 0 or state["step"] == self.total_steps:
+                now = time.perf_counter()
+                tokens_per_s = window["tokens"] / max(now - window["start"], 1e-9)
+                self.log("metrics.jsonl", {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                           "tokens_per_s": tokens_per_s, "elapsed_s": state["elapsed_s"] + now - clock,
+                                           "tokens": state["tokens"], "epoch": state["step"] / self.steps_per_epoch,
+                                           **metrics})
+                window = {"tokens": 0, "start": now}
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
-
-            if self.eval_examples and cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] != self.total_steps:
+            every = lambda n: n and state["step"] % n == 0  # noqa: E731
+            if self.eval_examples and every(self.cfg.eval_every) and state["step"] != self.total_steps:
                 history["eval"].append(self.evaluate(state["step"]))
-            if cfg.save_every and state["step"] % cfg.save_every == 0:
+            if every(self.cfg.save_every):
                 self.save_checkpoint(optimizer, scheduler, {**state, "elapsed_s": state["elapsed_s"] + time.perf_counter() - clock})
         bar.close()
         if self.eval_examples:
             history["eval"].append(self.evaluate(self.total_steps))
-        elapsed = state["elapsed_s"] + time.perf_counter() - clock
-        if acc.is_main_process:
-            save_final(acc.unwrap_model(module).model, self.tokenizer, self.out / "final")
-        acc.wait_for_everyone()
-        acc.end_training()
+        return self.finish(module, state["elapsed_s"] + time.perf_counter() - clock, state, start_step, history)
+
+    def prepare(self):
+        """The trained module, the optimizer and the schedule, prepared for distribution."""
+        module = self.task.module(self.model)
+        optimizer = self.build_optimizer()
+        scheduler = self.build_scheduler(optimizer)  # not acc.prepare'd: it would step once per process
+        module, optimizer = self.acc.prepare(module, optimizer)
+        self.module = module
+        return module, optimizer, scheduler
+
+    def resume(self, optimizer, scheduler) -> dict:
+        """The newest complete checkpoint's state, or a fresh start."""
+        state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "bad_steps": 0}
+        checkpoints = ckpt.list_checkpoints(self.ckpt_root)
+        if not checkpoints and (self.out / "final").exists():
+            self.say(f"{self.out} holds a finished run without checkpoints: training again from step 0 (final/ is replaced)")
+        if checkpoints:
+            state = ckpt.load_checkpoint(checkpoints[-1], self.model, optimizer, scheduler, self.rank)
+            self.task.load_state_dict(ckpt.load_task_state(checkpoints[-1], state.pop("task", {})))
+            self.say(f"resuming from {checkpoints[-1]} (step {state['step']} of {self.total_steps})")
+        return state
+
+    def open_run_directory(self, step: int) -> None:
+        """recipe.yaml, logs cut back to the step the run starts from, trackers."""
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale(self.ckpt_root)
+            (self.out / "recipe.yaml").write_text(dump_recipe(self.recipe))
+            _truncate_log(self.out / "metrics.jsonl", step)
+            _truncate_log(self.out / "eval.jsonl", step)
+        trackers = list(self.cfg.report_to)
+        if trackers:
+            self.acc.init_trackers("tensorboard" if trackers == ["tensorboard"] else self.out.name,
+                                   config=_flat(self.recipe.model_dump(mode="json")))
+
+    def train_step(self, step: int, module, optimizer, state: dict) -> tuple[float, float, int, dict]:
+        """One optimizer step over the task's micro-batches: (loss, gradient norm, tokens, metrics). A non-finite
+        loss or gradient norm skips the update and is reported; too many in a row stop the run."""
+        acc, cfg = self.acc, self.cfg
+        batches = self.task.step_batches(step, self.train_examples, module)
+        normalizer = self.reduce(sum(self.task.normalizer(b) for b in batches))
+        if normalizer <= 0:
+            raise TrainingError(f"step {step + 1}: the batch has nothing to train on")
+        loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
+        metric_totals: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(module)
+            with sync:
+                loss, metrics = self.task.loss(module, batch, normalizer)
+                acc.backward(loss * self.world)  # DDP averages gradients over processes; we want the global sum
+            loss_total += loss.detach()
+            _accumulate(metric_totals, metrics)
+        tokens = int(self.reduce(sum(b.num_tokens for b in batches)))
+        step_loss = self.reduce(float(loss_total))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else _grad_norm(params))
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            state["bad_steps"] = 0
+            optimizer.step()
+        else:
+            state["bad_steps"] += 1
+            self.say(f"step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); step skipped")
+            if state["bad_steps"] > cfg.max_bad_steps:
+                raise TrainingError(
+                    f"{state['bad_steps']} consecutive non-finite steps (train.max_bad_steps={cfg.max_bad_steps}); "
+                    "lower train.lr, check the data, or use precision fp32. The last checkpoint is intact."
+                )
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm, tokens, _ratios(self.reduce_dict(metric_totals))
+
+    def finish(self, module, elapsed: float, state: dict, start_step: int, history: dict) -> dict:
+        if self.acc.is_main_process:
+            save_final(self.acc.unwrap_model(module).model, self.tokenizer, self.out / "final")
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
         summary = {"steps": self.total_steps, "resumed_from": start_step, "tokens": state["tokens"],
-                   "elapsed_s": elapsed, "tokens_per_s": (state["tokens"]) / max(elapsed, 1e-9),
+                   "elapsed_s": elapsed, "tokens_per_s": state["tokens"] / max(elapsed, 1e-9),
                    "first_loss": history["first_loss"], "last_loss": history["last_loss"], "eval": history["eval"]}
         self.print_summary(summary)
         return summary
@@ -234,31 +214,12 @@ class Engine:
         return float(self.acc.reduce(tensor, reduction="sum"))
 
     def reduce_dict(self, sums: dict[str, float]) -> dict[str, float]:
-        """Sum dicts of numbers over processes (a process may have seen no batch at all)."""
-        if self.world == 1:
-            return sums
-        from accelerate.utils import gather_object
+        return sum_over_processes(sums, self.acc)
 
-        total: dict[str, float] = {}
-        for part in gather_object([sums]):
-            for key, value in part.items():
-                total[key] = total.get(key, 0.0) + value
-        return total
-
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         self.module.eval()
-        size = self.cfg.batch_size
-        chunks = [self.eval_examples[i : i + size] for i in range(0, len(self.eval_examples), size)]
-        sums: dict[str, float] = {}
-        mine = chunks[self.rank :: self.world]
-        for chunk in tqdm(mine, desc=f"eval (step {step})", leave=False, disable=not self.acc.is_main_process or len(mine) < 4):
-            batch = self.task.collate(chunk).to(self.acc.device)
-            for key, value in self.task.eval_sums(self.module, batch).items():
-                sums[key] = sums.get(key, 0.0) + value
-        sums = self.reduce_dict(sums)
+        record = {"step": step, **self.task.evaluate(self.module, self.eval_examples)}
         self.module.train()
-        record = {"step": step, **self.task.eval_metrics(sums)}
         self.log("eval.jsonl", record)
         return record
 
@@ -279,10 +240,8 @@ class Engine:
         self.acc.wait_for_everyone()
         ckpt.write_rank_state(staging, self.rank)
         self.acc.wait_for_everyone()
-        if hasattr(self.task, "state_dict"):
-            state = {**state, "task": self.task.state_dict()}
         if self.acc.is_main_process:
-            ckpt.write_main_state(staging, self.model, optimizer, scheduler, state)
+            ckpt.write_main_state(staging, self.model, optimizer, scheduler, state, self.task.state_dict())
             ckpt.publish(staging, self.ckpt_root, state["step"], self.cfg.save_total_limit)
         self.acc.wait_for_everyone()
 

@@ -36,7 +36,7 @@ def make_accelerator(recipe: Recipe):
 def run(command: str, recipe: Recipe) -> dict:
     from accelerate.utils import set_seed
 
-    from posttrain.train.tasks import TASKS
+    from posttrain.commands import COMMANDS
 
     accelerator = make_accelerator(recipe)
     quiet = not accelerator.is_main_process
@@ -44,7 +44,7 @@ def run(command: str, recipe: Recipe) -> dict:
     with accelerator.main_process_first():
         path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(path, recipe.trust_remote_code)
-    task = TASKS[command](recipe, tokenizer)
+    task = COMMANDS[command].task_class()(recipe, tokenizer)
     train_examples = task.build_dataset("train", quiet=quiet)
     eval_examples = task.build_dataset("eval", quiet=quiet)
 
@@ -64,8 +64,7 @@ def run(command: str, recipe: Recipe) -> dict:
     if not quiet:
         print(f"model: {recipe.model} ({path}); {trainable_summary(model)}", flush=True)
     model.to(accelerator.device)
-    if hasattr(task, "setup"):
-        task.setup(model, accelerator, train_examples, eval_examples)
+    task.setup(model, accelerator, train_examples, eval_examples)
     return Engine(recipe, task, model, tokenizer, train_examples, eval_examples, accelerator).run()
 
 

@@ -21,6 +21,7 @@ from posttrain.errors import DataError, UserError
 from posttrain.objectives.pairwise import PAIRWISE, Pair, check_pairwise, dft_log_partition, dft_scores, implicit_rewards, pairwise_loss
 from posttrain.train.forward import TargetLogprobs, batch_logprobs, per_example_sum
 from posttrain.train.reference import Reference
+from posttrain.train.task import OfflineTask
 
 STATS = ("logps", "tails")
 _SIDE_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in STATS)
@@ -81,7 +82,7 @@ def _side_stats(module, pair_batch: PairBatch) -> dict[str, torch.Tensor]:
             for side, part in (("chosen", slice(None, half)), ("rejected", slice(half, 2 * half)))}
 
 
-class PreferenceTask:
+class PreferenceTask(OfflineTask):
     name = "dpo"
 
     def __init__(self, recipe, tokenizer):
@@ -100,7 +101,6 @@ class PreferenceTask:
         if stray and not self.dft:
             raise UserError(f"loss: {', '.join(sorted(stray))} not used by {', '.join(self.names)}")
         self.partition: dict[int, float] = {}
-        self.accelerator = None
         self.tokenize = ExampleTokenizer(tokenizer, recipe.data)
         self.reference = Reference(recipe, self.needs_reference, self.names)
 
@@ -147,7 +147,7 @@ class PreferenceTask:
 
     # -- reference ----------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list[PairExample], evaluation: list[PairExample]) -> None:
-        self.accelerator = accelerator
+        super().setup(model, accelerator, train, evaluation)
         self.reference.prepare(model, accelerator, {"train": train, "eval": evaluation}, self.collate, _side_stats)
 
     def reference_stats(self, module, pair_batch: PairBatch) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from posttrain.errors import UserError
 from posttrain.objectives.ranking import check_ranking, ranking_loss
 from posttrain.train.forward import sequence_logps
 from posttrain.train.reference import Reference
+from posttrain.train.task import OfflineTask
 
 
 @dataclass
@@ -57,7 +58,7 @@ def ranked_stats(module, batch: RankedBatch) -> dict[str, torch.Tensor]:
     return {"logps": batch.grid(logps), "lengths": batch.grid(lengths)}
 
 
-class RankingTask:
+class RankingTask(OfflineTask):
     name = "rank"
 
     def __init__(self, recipe, tokenizer):
@@ -109,6 +110,7 @@ class RankingTask:
         return RankedBatch(batch, torch.tensor(slots), scores, mask, torch.tensor([i.index for i in items]), items[0].split)
 
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
+        super().setup(model, accelerator, train, evaluation)
         self.reference.prepare(model, accelerator, {"train": train, "eval": evaluation}, self.collate, _reference_logps)
 
     def reference_logps(self, module, batch: RankedBatch) -> torch.Tensor | None:

@@ -23,9 +23,10 @@ from posttrain.objectives.sft import SFT_LOSSES, poft, select_tokens, selected_c
 from posttrain.ops.distill import target_topk
 from posttrain.train.forward import TargetLogprobs, batch_logprobs, final_hidden_states, per_example_sum
 from posttrain.train.precompute import TargetTable, compute_targets
+from posttrain.train.task import OfflineTask
 
 
-class SFTTask:
+class SFTTask(OfflineTask):
     name = "sft"
 
     def __init__(self, recipe, tokenizer):
@@ -112,6 +113,7 @@ class SFTTask:
         return TargetLogprobs(model, self.recipe.train.logprob_chunk, distill=distill)
 
     def setup(self, model, accelerator, train: list[TokenizedExample], evaluation: list) -> None:
+        super().setup(model, accelerator, train, evaluation)
         if self.cfg.self_sample:
             self.self_sample(model, accelerator, train)
         logps = lambda m, batch: {"logps": batch_logprobs(TargetLogprobs(m, self.recipe.train.logprob_chunk), batch)}  # noqa: E731

@@ -26,6 +26,7 @@ from posttrain.errors import UserError
 from posttrain.objectives.unpaired import check_unpaired, density_ratio, fit_prompt_classifier, unpaired_loss
 from posttrain.train.forward import final_hidden_states, sequence_logps
 from posttrain.train.reference import Reference
+from posttrain.train.task import OfflineTask
 
 
 @dataclass
@@ -60,7 +61,7 @@ class UnpairedBatch:
         return UnpairedBatch(self.batch.to(device), moved, self.labels.to(device), self.index, self.split)
 
 
-class UnpairedTask:
+class UnpairedTask(OfflineTask):
     name = "kto"
 
     def __init__(self, recipe, tokenizer):
@@ -74,7 +75,6 @@ class UnpairedTask:
         self.ratios: dict[str, torch.Tensor] = {}
         self.reference = Reference(recipe, True, [self.loss_cfg.name])
         self.tokenize = ExampleTokenizer(tokenizer, recipe.data)
-        self.accelerator = None
         self.datasets: dict[str, list[LabelledExample]] = {}
         self.reward_sum, self.reward_count = 0.0, 0  # BCO's running mean
 
@@ -127,7 +127,7 @@ class UnpairedTask:
 
     # -- reference ----------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
-        self.accelerator = accelerator
+        super().setup(model, accelerator, train, evaluation)
         if self.loss_cfg.density_ratio:
             self.fit_density_ratios(model, accelerator.device, {"train": train, "eval": evaluation})
         self.reference.prepare(model, accelerator, {"train": train, "eval": evaluation}, self.collate, _reference_stats)
@@ -172,11 +172,15 @@ class UnpairedTask:
     def normalizer(self, batch: UnpairedBatch) -> float:
         return float(len(batch.labels))
 
+    def step_batches(self, step: int, examples: list, module) -> list[UnpairedBatch]:
+        batches = super().step_batches(step, examples, module)
+        if "kl" in self.spec.needs:
+            self.step_kl = self.reference_point(module, batches)
+        return batches
+
     @torch.no_grad()
-    def prepare_step(self, module, batches: list[UnpairedBatch]) -> None:
+    def reference_point(self, module, batches: list[UnpairedBatch]) -> torch.Tensor:
         """KTO's z0: the mean mismatched-pair log-ratio over the whole step, before any backward pass."""
-        if "kl" not in self.spec.needs:
-            return
         total, count = 0.0, 0
         for batch in batches:
             reference = self.reference_stats(module, batch, ("mismatched_logps",))["mismatched_logps"]
@@ -186,7 +190,7 @@ class UnpairedTask:
             device = batches[0].labels.device
             packed = self.accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=device), "sum")
             total, count = float(packed[0]), int(packed[1])
-        self.step_kl = torch.tensor(total / count, device=batches[0].labels.device)
+        return torch.tensor(total / count, device=batches[0].labels.device)
 
     def kl_estimate(self, module, batch: UnpairedBatch, training: bool) -> torch.Tensor | None:
         """The step's z0 in training; a held-out batch's own estimate in evaluation."""

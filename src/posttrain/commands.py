@@ -1,0 +1,36 @@
+"""The one registry of training commands: name -> recipe schema, task, one-line summary.
+
+Adding a command is one entry here (plus its schema and task); the CLI, recipe validation and the
+run builder all read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.config import DPORecipe, KTORecipe, RankRecipe, Recipe, SFTRecipe
+
+
+@dataclass(frozen=True)
+class Command:
+    schema: type[Recipe]
+    task: str  # "module:Class", imported when the command runs
+    summary: str
+
+    def task_class(self):
+        import importlib
+
+        module, name = self.task.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command(SFTRecipe, "posttrain.train.tasks.sft:SFTTask",
+                   "supervised fine-tuning (full, selective or PEFT; SFT variants under sft.*)"),
+    "dpo": Command(DPORecipe, "posttrain.train.tasks.preference:PreferenceTask",
+                   "pairwise preference optimization (DPO, IPO, SimPO, ORPO, ... chosen by loss.name)"),
+    "kto": Command(KTORecipe, "posttrain.train.tasks.unpaired:UnpairedTask",
+                   "unpaired preference optimization: KTO, BCO, APO-zero on thumbs-up / thumbs-down data"),
+    "rank": Command(RankRecipe, "posttrain.train.tasks.ranking:RankingTask",
+                    "ranking / listwise alignment over several scored responses: AFT, RRHF, PRO, ListNet"),
+}

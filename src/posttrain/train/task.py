@@ -1,0 +1,141 @@
+"""The contract between the engine and an algorithm.
+
+The engine runs one loop for every command; a *task* decides what is trained, what one
+optimizer step's micro-batches are, and what their loss is. ``Task`` is the protocol the engine
+calls; ``OfflineTask`` implements the parts that learning from a fixed dataset shares (SFT,
+DPO, KTO, ranking): the seeded slice of examples of each step, chunked evaluation summed over
+processes, no extra state. An online task (RL) overrides ``step_batches`` to generate, score
+and compute advantages over the whole step before splitting it into micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from tqdm.auto import tqdm
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+
+    def build_dataset(self, which: str, quiet: bool = False) -> list:
+        """The examples of ``which`` (train or eval) split, tokenized."""
+
+    def module(self, model) -> torch.nn.Module:
+        """What the engine differentiates (and wraps for distribution): a log-prob module, a reward head, ..."""
+
+    def setup(self, model, accelerator, train: list, evaluation: list) -> None:
+        """Once before training: reference log-probs, caches, anything that needs the model."""
+
+    def step_batches(self, step: int, examples: list, module) -> list:
+        """This process's micro-batches of optimizer step ``step`` (a function of the step, never of history)."""
+
+    def normalizer(self, batch) -> float:
+        """How many units of the step loss this micro-batch holds; the engine sums it over the step."""
+
+    def loss(self, module, batch, normalizer: float) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the step loss (its sum over units / the step's normalizer), and metrics."""
+
+    def after_step(self, model) -> None:
+        """After each optimizer step (e.g. push new weights to a generation engine)."""
+
+    def evaluate(self, module, examples: list) -> dict[str, float]:
+        """Held-out metrics over ``examples``, the same on every process."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that must survive a resume; values may be tensors."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class OfflineTask:
+    """Defaults for tasks that learn from a fixed dataset: subclasses provide ``collate``, ``normalizer``, ``loss``,
+    ``eval_sums`` and ``eval_metrics``."""
+
+    name = "offline"
+    recipe = None
+    accelerator = None
+
+    def module(self, model) -> torch.nn.Module:
+        from posttrain.train.forward import TargetLogprobs
+
+        return TargetLogprobs(model, self.recipe.train.logprob_chunk)
+
+    def setup(self, model, accelerator, train: list, evaluation: list) -> None:
+        self.accelerator = accelerator
+
+    # -- the data of one step ---------------------------------------------------------------------
+    def step_indices(self, step: int, num_examples: int) -> list[int]:
+        """All processes' example indices of one optimizer step: a seeded permutation per epoch, read in order,
+        so a resumed run sees exactly the data the uninterrupted run would."""
+        per_step = self.examples_per_step()
+        seed = self.recipe.train.seed
+        start = step * per_step
+        out: list[int] = []
+        while len(out) < per_step:
+            epoch, offset = divmod(start + len(out), num_examples)
+            order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            out.extend(order[offset : offset + per_step - len(out)].tolist())
+        return out
+
+    def examples_per_step(self) -> int:
+        train = self.recipe.train
+        return train.batch_size * train.grad_accum * self.processes()[0]
+
+    def processes(self) -> tuple[int, int]:
+        """(process count, this process's rank)."""
+        acc = self.accelerator
+        return (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+
+    def step_batches(self, step: int, examples: list, module) -> list:
+        world, rank = self.processes()
+        size, per_rank = self.recipe.train.batch_size, self.recipe.train.batch_size * self.recipe.train.grad_accum
+        mine = self.step_indices(step, len(examples))[rank * per_rank : (rank + 1) * per_rank]
+        device = self.accelerator.device if self.accelerator is not None else "cpu"
+        return [self.collate_train([examples[i] for i in mine[j : j + size]], step).to(device)
+                for j in range(0, per_rank, size)]
+
+    def collate_train(self, examples: list, step: int):
+        """Training batches; the same as evaluation batches unless a task transforms its inputs."""
+        return self.collate(examples)
+
+    def after_step(self, model) -> None:
+        pass
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, module, examples: list) -> dict[str, float]:
+        """Sums of ``eval_sums`` over batches of the held-out examples, split between processes and added up."""
+        world, rank = self.processes()
+        size = self.recipe.train.batch_size
+        chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+        mine = chunks[rank::world]
+        device = self.accelerator.device if self.accelerator is not None else "cpu"
+        sums: dict[str, float] = {}
+        main = self.accelerator is None or self.accelerator.is_main_process
+        for chunk in tqdm(mine, desc="eval", leave=False, disable=not main or len(mine) < 4):
+            for key, value in self.eval_sums(module, self.collate(chunk).to(device)).items():
+                sums[key] = sums.get(key, 0.0) + value
+        return self.eval_metrics(sum_over_processes(sums, self.accelerator))
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def sum_over_processes(sums: dict[str, float], accelerator) -> dict[str, float]:
+    """Add dicts of numbers up over processes (a process may have seen no batch at all)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return sums
+    from accelerate.utils import gather_object
+
+    total: dict[str, float] = {}
+    for part in gather_object([sums]):
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
