@@ -101,6 +101,18 @@ def recipe_help(command: str) -> str:
 
         lines += ["", "losses (loss.name) with their settings and the papers' defaults, used for every loss.* key "
                   "the recipe leaves unset:", *REGISTRIES[loss.family].describe()]
+    if "rl" in schema.model_fields:
+        from posttrain.objectives.advantages import ADVANTAGES
+        from posttrain.objectives.policy import POLICY_LOSSES
+        from posttrain.rewards import REWARDS
+
+        lines += ["", "advantage estimators (rl.advantage) with their settings and defaults:", *ADVANTAGES.describe(),
+                  "", "policy losses (rl.policy_loss) with their settings and defaults:", *POLICY_LOSSES.describe(),
+                  "", "rewards (rewards: [{name, weight, options}]), or module:function:",
+                  *[f"  {name:14s} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in sorted(REWARDS.items())],
+                  "", "variants as recipe keys: Dr. GRPO = rl.advantage dr_grpo + rl.aggregation seq_mean_token_sum_norm; "
+                  "DAPO = rl.epsilon_high 0.28 + rl.dynamic_sampling resample + rl.overlong_buffer + token_mean; "
+                  "GSPO = rl.policy_loss gspo + seq_mean_token_mean; RLOO = rl.advantage rloo + rl.policy_loss reinforce"]
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import DPORecipe, KTORecipe, RankRecipe, Recipe, SFTRecipe
+from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, RankRecipe, Recipe, SFTRecipe
 
 
 @dataclass(frozen=True)
@@ -33,4 +33,6 @@ COMMANDS: dict[str, Command] = {
                    "unpaired preference optimization: KTO, BCO, APO-zero on thumbs-up / thumbs-down data"),
     "rank": Command(RankRecipe, "posttrain.train.tasks.ranking:RankingTask",
                     "ranking / listwise alignment over several scored responses: AFT, RRHF, PRO, ListNet"),
+    "grpo": Command(GRPORecipe, "posttrain.train.tasks.grpo:GRPOTask",
+                    "online RL from rewards: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++ (chosen by rl.*)"),
 }

@@ -259,6 +259,77 @@ class RankRecipe(PreferenceRecipe):
     )
 
 
+class RolloutConfig(Section):
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (one group)")
+    max_new_tokens: int = Field(256, gt=0, description="token budget of a completion (longer ones are cut: truncated)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the trainer's log-probs use it too)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    top_k: int | None = Field(None, gt=0, description="sample among the k most likely tokens")
+    stop: list[str] = Field(default_factory=list, description="stop strings: a completion ends after the first one")
+    batch_size: int = Field(64, gt=0, description="sequences per generate call")
+    backend: Literal["transformers"] = Field("transformers", description="generation backend (HF generate, KV cache)")
+    chat: bool = Field(True, description="render prompts with the chat template (false: raw text prompts)")
+
+
+class RewardSpec(Section):
+    name: str = Field(description="a registered reward (math_answer, format, length, majority_vote, code_tests) or module:function")
+    weight: float = Field(1.0, description="weight in the summed reward")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reward function")
+
+
+class RLConfig(Section):
+    family: ClassVar[str] = "rl"
+    advantage: str = Field("grpo", description="advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description="grpo: divide by the group's std "
+                                                                    "(paper), the batch's, or not at all")
+    policy_loss: str = Field("ppo_clip", description="ppo_clip | gspo | cispo | reinforce")
+    epsilon_low: float | None = Field(None, ge=0, description="lower clip range of the importance ratio; unset: the loss's default")
+    epsilon_high: float | None = Field(None, ge=0, description="upper clip range (DAPO clip-higher: 0.28); unset: the loss's default")
+    dual_clip: float | None = Field(None, gt=1, description="ppo_clip: dual-clip constant c for negative advantages")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="how per-token losses become the step loss (see README)")
+    kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference (0: no reference pass at all)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator")
+    kl_in: Literal["loss", "reward"] = Field("loss", description="add the KL to the loss, or subtract it from the reward")
+    num_iterations: int = Field(1, gt=0, description="optimizer steps per rollout batch (>1 reuses it with old log-probs)")
+    dynamic_sampling: Literal["none", "drop", "resample"] = Field(
+        "none", description="DAPO: drop groups whose rewards all agree (resample: and sample more prompts to refill)")
+    max_resample: int = Field(4, ge=0, description="resample: extra sampling rounds per step at most")
+    overlong_filter: bool = Field(False, description="DAPO: truncated completions get no loss")
+    overlong_buffer: int | None = Field(None, gt=0, description="DAPO soft overlong punishment: length of the penalty "
+                                        "zone before max_new_tokens")
+    overlong_penalty: float = Field(1.0, ge=0, description="soft overlong punishment at max_new_tokens")
+    reward_workers: int = Field(2, ge=0, description="processes that score completions (0: in the training process, no timeouts)")
+    reward_timeout: float = Field(120.0, gt=0, description="seconds per scoring call before its workers are killed")
+
+    def hyperparameters(self) -> dict:
+        return {k: v for k in ("scale_rewards", "epsilon_low", "epsilon_high", "dual_clip") if (v := getattr(self, k)) is not None}
+
+
+class GRPORecipe(Recipe):
+    """Online RL: sample, score, compute advantages over the step, update. train.batch_size counts completions."""
+
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="math_answer")],
+                                      description="reward functions, summed with their weights")
+    rl: RLConfig = Field(default_factory=RLConfig)
+    reference: Literal["auto", "policy_copy", "adapter_disabled"] = Field(
+        "auto", description="the KL reference (used when rl.kl_coef > 0): auto = adapter disabled with PEFT, else a frozen copy")
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "GRPORecipe":
+        per_step = self.train.batch_size * self.train.grad_accum
+        if per_step % self.rollout.num_generations:
+            raise ValueError(f"train.batch_size x train.grad_accum ({self.train.batch_size} x {self.train.grad_accum} = "
+                             f"{per_step} completions per process and step) must be a multiple of rollout.num_generations "
+                             f"({self.rollout.num_generations}): a prompt's group is never split")
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward function")
+        if self.rl.overlong_buffer is not None and self.rl.overlong_buffer >= self.rollout.max_new_tokens:
+            raise ValueError("rl.overlong_buffer must be shorter than rollout.max_new_tokens")
+        return self
+
+
 def recipes_dir() -> Path:
     return Path(str(importlib.resources.files("posttrain") / "recipes"))
 

@@ -1,32 +1,67 @@
-"""Verifiable answers: extract the final number a model wrote and compare it with the reference.
+"""Verifiable answers: extract the final number a model wrote and compare it with the reference, exactly.
 
 Small models rarely answer with the number alone ("13 + 15 = 28"), so extraction tries, in
-order: the number after GSM8K's ``####``, the number after "answer is", the number after the
-last ``=``, then the last number in the text.
+order: the number after GSM8K's ``####``, the content of the last ``\\boxed{...}``, the number after
+"answer is", the number after the last ``=``, then the last number in the text. Numbers are compared
+as exact fractions (``0.75``, ``3/4`` and ``\\frac{3}{4}`` are equal; ``0.1 + 0.2`` style float noise
+cannot make a right answer wrong), after removing thousands separators, ``$`` and ``%``.
 """
 
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+_FRAC = re.compile(r"-?\\d?frac\{(-?\d+)\}\{(\d+)\}")
 _PATTERNS = [
     re.compile(r"####\s*(" + _NUMBER + ")"),
     re.compile(r"answer is[:\s]*(" + _NUMBER + ")", re.IGNORECASE),
-    re.compile(r"\\boxed\{(" + _NUMBER + r")\}"),
 ]
 
 
-def normalize_number(text: str) -> float | None:
-    cleaned = text.replace(",", "").replace("$", "").rstrip(".")
+def normalize_number(text: str) -> Fraction | None:
+    """``"1,234.50"`` -> 2469/2; ``"3/4"``, ``"\\frac{3}{4}"`` -> 3/4; ``"$5"``, ``"50%"`` -> 5, 50; else None."""
+    text = text.strip()
+    frac = _FRAC.fullmatch(text)
+    if frac:
+        sign = -1 if text.startswith("-") else 1
+        return sign * Fraction(int(frac.group(1)), int(frac.group(2))) if int(frac.group(2)) else None
+    cleaned = text.replace(",", "").replace("$", "").replace("%", "").rstrip(".")
     try:
-        return float(cleaned)
-    except ValueError:
+        return Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
         return None
 
 
-def extract_answer(text: str) -> float | None:
-    for pattern in _PATTERNS:
+def _boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}``, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_answer(text: str) -> Fraction | None:
+    for pattern in _PATTERNS[:1]:
+        found = pattern.findall(text)
+        if found:
+            return normalize_number(found[-1])
+    boxed = _boxed(text)
+    if boxed is not None:
+        whole = normalize_number(boxed.replace("\\!", "").replace(" ", ""))
+        if whole is not None:
+            return whole
+        inner = _FRAC.findall(boxed) or re.findall(_NUMBER, boxed)
+        if inner:
+            last = inner[-1]
+            return Fraction(int(last[0]), int(last[1])) if isinstance(last, tuple) and int(last[1]) else normalize_number(str(last))
+    for pattern in _PATTERNS[1:]:
         found = pattern.findall(text)
         if found:
             return normalize_number(found[-1])
@@ -37,7 +72,7 @@ def extract_answer(text: str) -> float | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
-def is_correct(completion: str, reference: str | float) -> bool:
+def is_correct(completion: str, reference: str | float | Fraction) -> bool:
     predicted = extract_answer(completion)
-    gold = reference if isinstance(reference, float) else normalize_number(str(reference))
-    return predicted is not None and gold is not None and abs(predicted - gold) < 1e-6
+    gold = reference if isinstance(reference, Fraction) else normalize_number(str(reference))
+    return predicted is not None and gold is not None and predicted == gold

@@ -16,24 +16,26 @@ import torch
 
 class _ChunkedTargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, with_sum_sq):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, statistic):
         dtype = _at_least_float32(hidden.dtype)
         out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
-        sum_sq = torch.empty(hidden.shape[0] if with_sum_sq else 0, dtype=dtype, device=hidden.device)
+        extra = torch.empty(hidden.shape[0] if statistic else 0, dtype=dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             logits = _logits(hidden[start:stop], weight, bias)
             normalizer = logits.logsumexp(1)
             out[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - normalizer
-            if with_sum_sq:  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
-                sum_sq[start:stop] = (2 * logits).logsumexp(1) - 2 * normalizer
+            if statistic == "sum_sq":  # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+                extra[start:stop] = (2 * logits).logsumexp(1) - 2 * normalizer
+            elif statistic == "entropy":  # H = logsumexp(z) - sum_v p_v z_v
+                extra[start:stop] = normalizer - (logits.softmax(1) * logits).sum(1)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(sum_sq)
-        return out, sum_sq
+        ctx.mark_non_differentiable(extra)
+        return out, extra
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_sum_sq):
+    def backward(ctx, grad_out, _grad_extra):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -75,10 +77,15 @@ def target_logprobs(
     bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
     with_sum_sq: bool = False,
+    with_entropy: bool = False,
 ):
     """``log p(targets[i] | hidden[i])`` for ``hidden`` [N, H] and output embedding ``weight`` [V, H]; at least float32.
 
     ``with_sum_sq`` also returns ``log sum_v p(v | hidden[i])^2`` (no gradient), which WPO's
-    aligned weights need, from the same pass over the vocabulary."""
-    logps, sum_sq = _ChunkedTargetLogprobs.apply(hidden, weight, bias, targets, chunk_size, with_sum_sq)
-    return (logps, sum_sq) if with_sum_sq else logps
+    aligned weights need, from the same pass over the vocabulary; ``with_entropy`` the entropy of each
+    position's distribution (no gradient; RL logs it), never holding more than one chunk of logits."""
+    if with_sum_sq and with_entropy:
+        raise ValueError("one extra statistic per pass: with_sum_sq or with_entropy")
+    statistic = "sum_sq" if with_sum_sq else "entropy" if with_entropy else None
+    logps, extra = _ChunkedTargetLogprobs.apply(hidden, weight, bias, targets, chunk_size, statistic)
+    return (logps, extra) if statistic else logps

@@ -42,11 +42,12 @@ class Engine:
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        self.examples_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.world
+        self.examples_per_step = task.examples_per_step()
         if len(train_examples) < self.examples_per_step:
             raise UserError(
                 f"data.train has {len(train_examples)} examples but one optimizer step needs "
-                f"{self.examples_per_step} (train.batch_size x train.grad_accum x processes)"
+                f"{self.examples_per_step} (train.batch_size x train.grad_accum x processes"
+                f"{' / rollout.num_generations' if task.name == 'grpo' else ''})"
             )
         self.steps_per_epoch = len(train_examples) // self.examples_per_step
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
@@ -163,10 +164,15 @@ class Engine:
         """One optimizer step over the task's micro-batches: (loss, gradient norm, tokens, metrics). A non-finite
         loss or gradient norm skips the update and is reported; too many in a row stop the run."""
         acc, cfg = self.acc, self.cfg
+        started = time.perf_counter()
         batches = self.task.step_batches(step, self.train_examples, module)
+        batches_s = time.perf_counter() - started
         normalizer = self.reduce(sum(self.task.normalizer(b) for b in batches))
         if normalizer <= 0:
-            raise TrainingError(f"step {step + 1}: the batch has nothing to train on")
+            if not getattr(self.task, "empty_steps_allowed", False):
+                raise TrainingError(f"step {step + 1}: the batch has nothing to train on")
+            self.say(f"step {step + 1}: nothing to train on (every completion filtered out); update skipped")
+            return 0.0, 0.0, 0, {**self.task.step_metrics(), "time/batches_s": batches_s}
         loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         metric_totals: dict[str, float] = {}
         for i, batch in enumerate(batches):
@@ -192,7 +198,8 @@ class Engine:
                     "lower train.lr, check the data, or use precision fp32. The last checkpoint is intact."
                 )
         optimizer.zero_grad(set_to_none=True)
-        return step_loss, grad_norm, tokens, _ratios(self.reduce_dict(metric_totals))
+        timing = {"time/batches_s": batches_s, "time/update_s": time.perf_counter() - started - batches_s}
+        return step_loss, grad_norm, tokens, {**_ratios(self.reduce_dict(metric_totals)), **self.task.step_metrics(), **timing}
 
     def finish(self, module, elapsed: float, state: dict, start_step: int, history: dict) -> dict:
         if self.acc.is_main_process:

@@ -17,21 +17,29 @@ from posttrain.ops.logprobs import target_logprobs
 
 class TargetLogprobs(nn.Module):
     """Returns target log-probs [N], or (log-probs, log sum_v p_v^2) with ``with_sum_sq`` (for WPO), or
+    (log-probs, entropy) with ``with_entropy`` (RL), or
     (log-probs, per-target divergence from a teacher's top-k) when called with ``teacher_ids`` and
-    ``teacher_logps`` (knowledge distillation; ``distill`` holds divergence, jsd_beta, temperature)."""
+    ``teacher_logps`` (knowledge distillation; ``distill`` holds divergence, jsd_beta, temperature).
+    ``temperature`` divides the logits first, as a sampler at that temperature does (RL's ratios must
+    compare the trainer with the sampler)."""
 
-    def __init__(self, model, chunk_size: int = 1024, with_sum_sq: bool = False, distill: dict | None = None):
+    def __init__(self, model, chunk_size: int = 1024, with_sum_sq: bool = False, distill: dict | None = None,
+                 with_entropy: bool = False, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self.with_sum_sq = with_sum_sq
+        self.with_sum_sq, self.with_entropy = with_sum_sq, with_entropy
         self.distill = distill
+        self.temperature = temperature
 
     def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, teacher_ids=None, teacher_logps=None):
         hidden = final_hidden_states(self.model, input_ids, position_ids, attention_mask)
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
         head = self.model.get_output_embeddings()
-        logps = target_logprobs(flat, head.weight, target_ids, head.bias, self.chunk_size, self.with_sum_sq)
+        bias = head.bias
+        if self.temperature != 1.0:  # (h W + b) / T
+            flat, bias = flat / self.temperature, (bias / self.temperature if bias is not None else None)
+        logps = target_logprobs(flat, head.weight, target_ids, bias, self.chunk_size, self.with_sum_sq, self.with_entropy)
         if teacher_ids is None:
             return logps
         divergence = target_divergence(flat, head.weight, head.bias, teacher_ids, teacher_logps, chunk_size=self.chunk_size,

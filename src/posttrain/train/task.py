@@ -29,6 +29,9 @@ class Task(Protocol):
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
         """Once before training: reference log-probs, caches, anything that needs the model."""
 
+    def examples_per_step(self) -> int:
+        """Training examples (prompts, for RL) one optimizer step consumes, all processes together."""
+
     def step_batches(self, step: int, examples: list, module) -> list:
         """This process's micro-batches of optimizer step ``step`` (a function of the step, never of history)."""
 
@@ -40,6 +43,9 @@ class Task(Protocol):
 
     def after_step(self, model) -> None:
         """After each optimizer step (e.g. push new weights to a generation engine)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the whole step that the task computed globally (e.g. rewards), logged as they are."""
 
     def evaluate(self, module, examples: list) -> dict[str, float]:
         """Held-out metrics over ``examples``, the same on every process."""
@@ -103,6 +109,9 @@ class OfflineTask:
 
     def after_step(self, model) -> None:
         pass
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,427 @@
+"""Online RL from verifiable or programmatic rewards: GRPO and its variants, RLOO, REINFORCE++.
+
+One optimizer step: take the step's prompts (a seeded slice, as offline tasks), sample
+``rollout.num_generations`` completions of each with the current policy, score them with the reward
+functions (in worker processes), compute advantages over the whole step (all processes' completions
+gathered: a group is never split, batch statistics are global), then cut the step into micro-batches
+of ``train.batch_size`` completions. Each micro-batch's loss is a registered policy loss, plus the KL
+to the reference where asked, aggregated by per-token weights over a normalizer the engine sums over
+the step: accumulation and process count cannot change the update.
+
+With ``rl.num_iterations`` = k > 1 a rollout batch is trained on for k optimizer steps, the ratio taken
+against the log-probs at sampling time (kept in the checkpoint, so a resume mid-cycle continues it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from posttrain.data.batching import Batch, collate
+from posttrain.data.formats import RecordChecker
+from posttrain.data.load import split_records
+from posttrain.data.tokenize import ChatFormatter, TokenizedExample
+from posttrain.errors import UserError
+from posttrain.evaluate.accuracy import wilson_interval
+from posttrain.objectives.advantages import ADVANTAGES, advantages
+from posttrain.objectives.policy import POLICY_LOSSES, aggregation_weights, kl_estimate
+from posttrain.rollout.backend import SamplingSettings, TransformersBackend, sample_seed
+from posttrain.train.forward import TargetLogprobs
+from posttrain.train.reference import Reference
+from posttrain.train.task import OfflineTask
+
+
+@dataclass
+class PromptExample:
+    index: int
+    prompt_ids: list[int]
+    prompt: str  # what reward functions see
+    columns: dict  # the record's other fields, passed to reward functions by name
+    truncated: bool = False
+
+
+@dataclass
+class Rollouts:
+    """This process's completions of one step, completion by completion; per-token tensors are flat [N]."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    active: torch.Tensor  # [S] bool: trained on (overlong filtering masks truncated completions)
+    advantages: torch.Tensor  # [N]
+    sampler_logps: torch.Tensor  # [N]
+    old_logps: torch.Tensor | None = None  # [N], with num_iterations > 1
+    ref_logps: torch.Tensor | None = None  # [N], with the KL in the loss
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"prompt_lengths": torch.tensor([len(p) for p in self.prompt_ids]),
+               "completion_lengths": torch.tensor([len(c) for c in self.completion_ids]),
+               "prompt_tokens": torch.tensor([t for p in self.prompt_ids for t in p], dtype=torch.long),
+               "completion_tokens": torch.tensor([t for c in self.completion_ids for t in c], dtype=torch.long),
+               "active": self.active, "advantages": self.advantages, "sampler_logps": self.sampler_logps}
+        out.update({k: v for k in ("old_logps", "ref_logps") if (v := getattr(self, k)) is not None})
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Rollouts":
+        def split(flat, lengths):
+            return [chunk.tolist() for chunk in torch.split(flat, lengths.tolist())]
+
+        return cls(split(t["prompt_tokens"], t["prompt_lengths"]), split(t["completion_tokens"], t["completion_lengths"]),
+                   t["active"], t["advantages"], t["sampler_logps"], t.get("old_logps"), t.get("ref_logps"))
+
+
+@dataclass
+class RLBatch:
+    """A micro-batch of completions: the packed tokens plus per-target values aligned with ``batch`` targets."""
+
+    batch: Batch
+    advantages: torch.Tensor
+    sampler_logps: torch.Tensor
+    weights: torch.Tensor  # aggregation weight per target (0 for inactive completions)
+    units: float  # this micro-batch's share of the aggregation normalizer
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
+
+    def to(self, device) -> "RLBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        moved["batch"] = self.batch.to(device)
+        return RLBatch(**moved)
+
+
+class GRPOTask(OfflineTask):
+    name = "grpo"
+    empty_steps_allowed = True  # dynamic sampling may drop every group of a step
+
+    def __init__(self, recipe, tokenizer):
+        self.recipe, self.tokenizer, self.cfg = recipe, tokenizer, recipe.rl
+        self.settings = SamplingSettings(recipe.rollout.max_new_tokens, recipe.rollout.temperature, recipe.rollout.top_p,
+                                         recipe.rollout.top_k, tuple(recipe.rollout.stop))
+        chosen = {k for k in self.cfg.hyperparameters()}
+        ADVANTAGES.check([self.cfg.advantage], set())
+        POLICY_LOSSES.check([self.cfg.policy_loss], set())
+        unused = chosen - set(ADVANTAGES[self.cfg.advantage].defaults) - set(POLICY_LOSSES[self.cfg.policy_loss].defaults)
+        if unused:
+            raise UserError(f"rl: {', '.join(sorted(unused))} not used by advantage {self.cfg.advantage} "
+                            f"or policy_loss {self.cfg.policy_loss}")
+        if self.cfg.advantage == "reinforce_pp" and self.cfg.kl_coef and self.cfg.kl_in != "reward":
+            raise UserError("rl.advantage: reinforce_pp puts the KL penalty in the reward: set rl.kl_in: reward")
+        if self.cfg.policy_loss == "reinforce" and self.cfg.num_iterations > 1:
+            raise UserError("rl.policy_loss: reinforce is on-policy only; with rl.num_iterations > 1 use ppo_clip, gspo or cispo")
+        self.formatter = ChatFormatter(tokenizer, recipe.data.chat_template) if recipe.rollout.chat else None
+        self.reference = Reference(recipe, self.cfg.kl_coef > 0, ["rl.kl_coef"])
+        self.buffer: Rollouts | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.runner = None
+
+    # -- data ---------------------------------------------------------------------------------
+    def build_dataset(self, which: str, quiet: bool = False) -> list[PromptExample]:
+        records = split_records(self.recipe, which)
+        examples, truncated = [], 0
+        limit = self.recipe.data.max_length
+        for path, where, record in records:
+            check = RecordChecker(path, where, record)
+            prompt = check.text_or_messages("prompt", "user")
+            if isinstance(prompt, str):
+                text = self.formatter.render([_user(prompt)], add_generation_prompt=True) if self.formatter else prompt
+                shown = prompt
+            else:
+                if self.formatter is None:
+                    raise check.fail("prompt", "a conversation needs rollout.chat: true (a chat template)")
+                text = self.formatter.render(prompt, add_generation_prompt=True)
+                shown = prompt[-1].content
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut = len(ids) > limit
+            truncated += cut
+            columns = {k: v for k, v in record.items() if k != "prompt"}
+            examples.append(PromptExample(len(examples), ids[-limit:], shown, columns, cut))
+        if records and not quiet:
+            print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)
+        return examples
+
+    def examples_per_step(self) -> int:
+        """Prompts per optimizer step, all processes together."""
+        train = self.recipe.train
+        return train.batch_size * train.grad_accum * self.processes()[0] // self.recipe.rollout.num_generations
+
+    # -- set-up -------------------------------------------------------------------------------
+    def module(self, model) -> TargetLogprobs:
+        return TargetLogprobs(model, self.recipe.train.logprob_chunk, with_entropy=True, temperature=self.settings.temperature)
+
+    def setup(self, model, accelerator, train: list, evaluation: list) -> None:
+        from posttrain.rewards.runner import RewardRunner
+
+        super().setup(model, accelerator, train, evaluation)
+        self.model = model
+        self.backend = TransformersBackend(model, self.tokenizer, self.recipe.rollout.batch_size)
+        self.reference.setup(model, accelerator)
+        self.runner = RewardRunner([(r.name, r.weight, r.options) for r in self.recipe.rewards],
+                                   self.cfg.reward_workers, self.cfg.reward_timeout)
+
+    def after_step(self, model) -> None:
+        self.backend.sync(model)
+
+    # -- one step's data ------------------------------------------------------------------------
+    def step_batches(self, step: int, examples: list, module) -> list:
+        if self.cfg.num_iterations == 1 or step % self.cfg.num_iterations == 0 or self.buffer is None:
+            self.buffer = self.collect(step, examples, module)
+        device = self.accelerator.device if self.accelerator is not None else "cpu"
+        rollouts, size = self.buffer, self.recipe.train.batch_size
+        return [self.micro_batch(rollouts, range(lo, min(lo + size, len(rollouts.completion_ids)))).to(device)
+                for lo in range(0, len(rollouts.completion_ids), size)]
+
+    def my_prompts(self, step: int, examples: list, stream: int = 0) -> list[tuple[int, PromptExample]]:
+        """(position in the step, prompt) for this process; ``stream`` > 0 draws the extra prompts of resampling."""
+        world, rank = self.processes()
+        per_rank = self.examples_per_step() // world
+        indices = self.step_indices(step * (self.cfg.max_resample + 1) + stream, len(examples))
+        positions = range(rank * per_rank, (rank + 1) * per_rank)
+        return [(stream * self.examples_per_step() + p, examples[indices[p]]) for p in positions]
+
+    def sample(self, step: int, prompts: list[tuple[int, PromptExample]]) -> tuple[list, list, list]:
+        """Completions and rewards of ``prompts``: (group positions, completions, scores)."""
+        g = self.recipe.rollout.num_generations
+        seed = self.recipe.train.seed
+        flat = [(pos, ex) for pos, ex in prompts for _ in range(g)]
+        seeds = [sample_seed(seed, step, pos, k % g) for k, (pos, _) in enumerate(flat)]
+        completions = self.backend.generate([ex.prompt_ids for _, ex in flat], seeds, self.settings)
+        columns = {key: [ex.columns.get(key) for _, ex in flat] for key in {k for _, ex in prompts for k in ex.columns}}
+        scores = self.runner.score([ex.prompt for _, ex in flat], [c.text for c in completions], columns,
+                                   [pos for pos, _ in flat])
+        return flat, completions, scores
+
+    @torch.no_grad()
+    def collect(self, step: int, examples: list, module) -> Rollouts:
+        cfg, g = self.cfg, self.recipe.rollout.num_generations
+        gen_before, gen_tokens_before = self.backend.stats.seconds, self.backend.stats.tokens
+        flat, completions, scores = self.sample(step, self.my_prompts(step, examples))
+        reward_s, failed, by_reward, rounds = scores.seconds, dict(scores.failed), {k: list(v) for k, v in scores.by_reward.items()}, 0
+        totals = list(scores.total)
+        for error in scores.errors[:3]:
+            self.say(f"reward error: {error}")
+        totals = self.shape_rewards(totals, completions)
+        keep = self.varied_groups(totals, g) if cfg.dynamic_sampling != "none" else [True] * (len(totals) // g)
+        zero_std_fraction = 1 - sum(keep) / max(len(keep), 1) if cfg.dynamic_sampling != "none" else self.zero_std_fraction(totals, g)
+        wanted = len(keep)
+        while cfg.dynamic_sampling == "resample" and sum(keep) < wanted and rounds < cfg.max_resample:
+            rounds += 1
+            more_flat, more, more_scores = self.sample(step, self.my_prompts(step, examples, stream=rounds))
+            more_totals = self.shape_rewards(list(more_scores.total), more)
+            flat, completions, totals = flat + more_flat, completions + more, totals + more_totals
+            keep += self.varied_groups(more_totals, g)
+            reward_s += more_scores.seconds
+            for name, values in more_scores.by_reward.items():
+                by_reward[name] += values
+                failed[name] += more_scores.failed[name]
+        chosen_groups = [i for i, k in enumerate(keep) if k][:wanted]
+        chosen = [i * g + k for i in chosen_groups for k in range(g)]
+        flat, completions, totals = [flat[i] for i in chosen], [completions[i] for i in chosen], [totals[i] for i in chosen]
+
+        prompt_ids = [ex.prompt_ids for _, ex in flat]
+        completion_ids = [c.token_ids for c in completions]
+        lengths = torch.tensor([len(c) for c in completion_ids])
+        token_seq = torch.repeat_interleave(torch.arange(len(completion_ids)), lengths)
+        truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
+        active = ~truncated if cfg.overlong_filter else torch.ones(len(completions), dtype=torch.bool)
+        sampler_logps = torch.tensor([x for c in completions for x in c.sampler_logps], dtype=torch.float64)
+        partial = Rollouts(prompt_ids, completion_ids, active, torch.zeros(len(token_seq)), sampler_logps)
+
+        policy_logps = ref_logps = None
+        if cfg.num_iterations > 1 or (cfg.kl_coef and cfg.kl_in == "reward"):
+            policy_logps = self.logps_of(partial, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
+        if cfg.kl_coef:
+            ref_logps = self.logps_of(partial, lambda batch: self.reference.run(module, self.reference_logps, batch))
+        penalty = None
+        if cfg.kl_coef and cfg.kl_in == "reward":
+            penalty = -cfg.kl_coef * kl_estimate(policy_logps, ref_logps, cfg.kl_estimator)
+        rewards = torch.tensor(totals, dtype=torch.float64)
+        groups = torch.tensor([pos for pos, _ in flat])
+        advantage = self.global_advantages(rewards, groups, token_seq, penalty)
+
+        rollouts = Rollouts(prompt_ids, completion_ids, active, advantage, sampler_logps,
+                            policy_logps if cfg.num_iterations > 1 else None,
+                            ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None)
+        generated = self.backend.stats.tokens - gen_tokens_before
+        gen_s = self.backend.stats.seconds - gen_before
+        self.last_metrics = {
+            "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            **{f"reward/{name}/mean": _mean([v for v in values if v is not None]) for name, values in by_reward.items()},
+            **{f"reward/{name}/failed": float(count) for name, count in failed.items()},
+            "groups/zero_std_fraction": zero_std_fraction,
+            "groups/trained": float(len(chosen_groups)),
+            "groups/resample_rounds": float(rounds),
+            "advantage/mean": float(advantage.mean()) if len(advantage) else 0.0,
+            "advantage/std": float(advantage.std()) if len(advantage) > 1 else 0.0,
+            "completion/length_mean": float(lengths.double().mean()) if len(lengths) else 0.0,
+            "completion/length_max": float(lengths.max()) if len(lengths) else 0.0,
+            "completion/truncated_fraction": float(truncated.double().mean()) if len(truncated) else 0.0,
+            "time/generate_s": gen_s, "time/reward_s": reward_s,
+            "generate/tokens_per_s": generated / max(gen_s, 1e-9),
+        }
+        return rollouts
+
+    def shape_rewards(self, totals: list[float], completions: list) -> list[float]:
+        """DAPO's soft overlong punishment (Yu et al., 2025, Eq. 13): 0 up to ``L_max - L_cache`` tokens, then
+        linearly down to ``-overlong_penalty`` at ``L_max`` = max_new_tokens."""
+        buffer = self.cfg.overlong_buffer
+        if buffer is None:
+            return totals
+        limit = self.settings.max_new_tokens
+        return [r + self.cfg.overlong_penalty * min(0.0, (limit - buffer - len(c.token_ids)) / buffer) for r, c in zip(totals, completions)]
+
+    @staticmethod
+    def varied_groups(totals: list[float], g: int) -> list[bool]:
+        return [max(totals[i : i + g]) > min(totals[i : i + g]) for i in range(0, len(totals), g)]
+
+    def zero_std_fraction(self, totals: list[float], g: int) -> float:
+        varied = self.varied_groups(totals, g)
+        return 1 - sum(varied) / max(len(varied), 1)
+
+    def global_advantages(self, rewards, groups, token_seq, penalty) -> torch.Tensor:
+        """Advantages over every process's completions of the step; this process's part."""
+        world, rank = self.processes()
+        if world == 1:
+            return advantages(self.cfg.advantage, rewards, groups, token_seq, penalty, **self.cfg.hyperparameters())
+        from accelerate.utils import gather_object
+
+        if penalty is None:
+            penalty = torch.zeros(len(token_seq), dtype=torch.float64)
+        parts = gather_object([(rewards, groups, token_seq, penalty)])
+        offsets = np.cumsum([0] + [len(p[0]) for p in parts])
+        every = advantages(self.cfg.advantage, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                           torch.cat([p[2] + int(o) for p, o in zip(parts, offsets)]), torch.cat([p[3] for p in parts]),
+                           **self.cfg.hyperparameters())
+        token_offsets = np.cumsum([0] + [len(p[2]) for p in parts])
+        return every[int(token_offsets[rank]) : int(token_offsets[rank + 1])]
+
+    def reference_logps(self, reference_module, batch: Batch) -> torch.Tensor:
+        inner = TargetLogprobs(reference_module.model, self.recipe.train.logprob_chunk, temperature=self.settings.temperature)
+        return inner(*_inputs(batch))
+
+    @staticmethod
+    def unwrapped(module):
+        return getattr(module, "module", module)
+
+    def logps_of(self, rollouts: Rollouts, compute) -> torch.Tensor:
+        """Per-token values of ``compute(batch)`` over the rollouts, in rollout order (micro-batch by micro-batch)."""
+        device = self.accelerator.device if self.accelerator is not None else "cpu"
+        size, out = self.recipe.train.batch_size, []
+        for lo in range(0, len(rollouts.completion_ids), size):
+            micro = self.micro_batch(rollouts, range(lo, min(lo + size, len(rollouts.completion_ids))))
+            values = compute(micro.batch.to(device)).double().cpu()
+            out.append(torch.empty_like(values).index_put_((micro.extra["order"],), values))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def micro_batch(self, rollouts: Rollouts, members: range) -> RLBatch:
+        members = list(members)
+        examples = []
+        for i in members:
+            prompt, completion = rollouts.prompt_ids[i], rollouts.completion_ids[i]
+            weights = np.zeros(len(prompt) + len(completion), np.float32)
+            weights[len(prompt):] = 1.0
+            examples.append(TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights, index=i))
+        train = self.recipe.train
+        batch = collate(examples, self.tokenizer.pad_token_id, train.packing, train.padding_free)
+        lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in members])
+        starts = torch.tensor([sum(len(c) for c in rollouts.completion_ids[:i]) for i in members])
+        order = starts[batch.target_example] + batch.target_rank  # each target's place in the rollout's flat tensors
+        local = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), lengths[:-1]]), 0)[batch.target_example] + batch.target_rank
+        active = rollouts.active[members]
+        weights, units = aggregation_weights(self.cfg.aggregation, batch.target_example, lengths, self.settings.max_new_tokens)
+        weights = weights * active[batch.target_example].to(weights.dtype)
+        if not bool(active.all()):  # inactive completions leave the normalizer too
+            _, units = aggregation_weights(self.cfg.aggregation, batch.target_example[active[batch.target_example]],
+                                           lengths[active], self.settings.max_new_tokens)
+        pick = lambda t: None if t is None else t[order]  # noqa: E731
+        return RLBatch(batch, rollouts.advantages[order], rollouts.sampler_logps[order], weights, units,
+                       pick(rollouts.old_logps), pick(rollouts.ref_logps), {"order": local})
+
+    # -- loss ---------------------------------------------------------------------------------
+    def normalizer(self, batch: RLBatch) -> float:
+        return batch.units
+
+    def loss(self, module, rl: RLBatch, normalizer: float) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        logps, entropy = module(*_inputs(rl.batch))
+        old = rl.old_logps.to(logps.dtype) if rl.old_logps is not None else logps.detach()
+        spec = POLICY_LOSSES[cfg.policy_loss]
+        out = spec.fn(logps, old, rl.advantages.to(logps.dtype), rl.batch.target_example, **spec.options(None, cfg.hyperparameters()))
+        per_token = out.loss
+        weights = rl.weights.to(logps.dtype)
+        trained = weights > 0
+        count = float(trained.sum())
+        metrics = {
+            "policy/clip_low_fraction": (float(out.clipped_low[trained].sum()), count),
+            "policy/clip_high_fraction": (float(out.clipped_high[trained].sum()), count),
+            "policy/entropy": (float(entropy[trained].sum()), count),
+            "policy/approx_kl_old": (float((0.5 * (logps.detach() - old) ** 2)[trained].sum()), count),
+            "policy/sampler_mismatch": (float((logps.detach() - rl.sampler_logps.to(logps.dtype)).abs()[trained].sum()), count),
+        }
+        if rl.ref_logps is not None:
+            kl = kl_estimate(logps, rl.ref_logps.to(logps.dtype), cfg.kl_estimator)
+            per_token = per_token + cfg.kl_coef * kl
+            metrics["policy/kl_ref"] = (float(kl.detach()[trained].sum()), count)
+        return (per_token * weights).sum() / normalizer, metrics
+
+    def step_metrics(self) -> dict[str, float]:
+        return dict(self.last_metrics)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, module, examples: list) -> dict[str, float]:
+        """Greedy completions of the held-out prompts, scored by the reward functions: mean reward, and where
+        every score is 0 or 1 (a verifier), accuracy with its 95% Wilson interval."""
+        from posttrain.train.task import sum_over_processes
+
+        world, rank = self.processes()
+        mine = examples[rank::world]
+        greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
+        completions = self.backend.generate([e.prompt_ids for e in mine], [0] * len(mine), greedy) if mine else []
+        columns = {key: [e.columns.get(key) for e in mine] for key in {k for e in mine for k in e.columns}}
+        scores = self.runner.score([e.prompt for e in mine], [c.text for c in completions], columns, list(range(len(mine))))
+        binary = all(v in (0.0, 1.0) for v in scores.total)
+        sums = sum_over_processes({"n": float(len(mine)), "reward": float(sum(scores.total)),
+                                   "correct": float(sum(scores.total)) if binary else 0.0, "non_binary": float(not binary),
+                                   "length": float(sum(len(c.token_ids) for c in completions))}, self.accelerator)
+        n = max(sums["n"], 1.0)
+        out = {"eval/reward": sums["reward"] / n, "eval/completion_length": sums["length"] / n, "eval/n": sums["n"]}
+        if not sums["non_binary"]:
+            low, high = wilson_interval(int(sums["correct"]), int(sums["n"]))
+            out.update({"eval/accuracy": sums["correct"] / n, "eval/accuracy_ci_low": low, "eval/accuracy_ci_high": high})
+        return out
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return self.buffer.tensors() if self.cfg.num_iterations > 1 and self.buffer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and self.cfg.num_iterations > 1:
+            self.buffer = Rollouts.from_tensors(state)
+
+    def say(self, message: str) -> None:
+        if self.accelerator is None or self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"posttrain: {message}")
+
+
+def _inputs(batch: Batch) -> tuple:
+    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids
+
+
+def _user(text: str):
+    from posttrain.data.formats import Message, Segment
+
+    return Message("user", [Segment(text)])
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan
