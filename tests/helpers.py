@@ -26,6 +26,10 @@ def tiny_recipe(model_dir: Path, out: Path, **overrides) -> list[str]:
 
 
 def run_sft(model_dir: Path, out: Path, **overrides) -> dict:
+    return run_command("sft", model_dir, out, **overrides)
+
+
+def run_command(command: str, model_dir: Path, out: Path, **overrides) -> dict:
     from accelerate.state import AcceleratorState, PartialState
 
     from posttrain.config import load_recipe
@@ -33,8 +37,8 @@ def run_sft(model_dir: Path, out: Path, **overrides) -> dict:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
-    recipe = load_recipe("sft", None, tiny_recipe(model_dir, out, **overrides))
-    return run("sft", recipe)
+    recipe = load_recipe(command, None, tiny_recipe(model_dir, out, **overrides))
+    return run(command, recipe)
 
 
 def metrics(out: Path, name: str = "metrics.jsonl") -> list[dict]:

@@ -52,3 +52,18 @@ def test_dpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path):
         for key in ("loss", "grad_norm", "rewards/margin", "rewards/accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert_weights_close(final_weights(single), final_weights(double), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
+def test_grpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path, mode):
+    """Advantages over the whole step (gathered), completions sampled by per-sample seeds, the aggregation's
+    normalizer summed over processes: the process count changes nothing."""
+    from test_grpo import RL
+
+    common = {**RL, "train.batch_size": 4, "peft.method": "lora", "rl.aggregation": mode, "rl.kl_coef": 0.05}
+    port = 29520 + ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"].index(mode)
+    single, double = single_and_two_processes("grpo", tiny_model_dir, tmp_path, common, accum_two=1, port=port)
+    for a, b in zip(metrics(single), metrics(double)):
+        for key in ("loss", "grad_norm", "reward/mean", "advantage/std", "policy/kl_ref"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    assert_weights_close(final_weights(single), final_weights(double), atol=1e-9)

@@ -289,7 +289,7 @@ class RLConfig(Section):
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="how per-token losses become the step loss (see README)")
     kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference (0: no reference pass at all)")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator")
+    kl_estimator: Literal["k1", "k2", "k3", "none"] = Field("k3", description="per-token KL estimator (none: no KL term)")
     kl_in: Literal["loss", "reward"] = Field("loss", description="add the KL to the loss, or subtract it from the reward")
     num_iterations: int = Field(1, gt=0, description="optimizer steps per rollout batch (>1 reuses it with old log-probs)")
     dynamic_sampling: Literal["none", "drop", "resample"] = Field(
@@ -325,6 +325,8 @@ class GRPORecipe(Recipe):
                              f"({self.rollout.num_generations}): a prompt's group is never split")
         if not self.rewards:
             raise ValueError("rewards: at least one reward function")
+        if self.rl.kl_estimator == "none" and self.rl.kl_coef:
+            raise ValueError(f"rl.kl_estimator: none means no KL term, but rl.kl_coef is {self.rl.kl_coef}: set one of them")
         if self.rl.overlong_buffer is not None and self.rl.overlong_buffer >= self.rollout.max_new_tokens:
             raise ValueError("rl.overlong_buffer must be shorter than rollout.max_new_tokens")
         return self

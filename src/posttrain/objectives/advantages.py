@@ -118,6 +118,8 @@ def advantages(name: str, rewards: torch.Tensor, groups: torch.Tensor, token_seq
                token_penalty: torch.Tensor | None = None, **settings) -> torch.Tensor:
     """Per-token advantages [N] by the registered estimator ``name``; unset settings take its defaults."""
     spec = ADVANTAGES[name]
+    if rewards.numel() == 0:  # dynamic sampling dropped every group
+        return torch.zeros(token_seq.shape, dtype=rewards.dtype, device=rewards.device)
     if token_penalty is None:
         token_penalty = torch.zeros(token_seq.shape, dtype=rewards.dtype, device=rewards.device)
     return spec.fn(rewards, groups, token_seq, token_penalty, **spec.options(None, settings))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from posttrain.rewards.sandbox import Limits, run_python
+from posttrain.rewards.sandbox import Limits, SandboxUnavailable, isolation_prefix, run_python
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -28,3 +28,15 @@ def code_tests(prompts, completions, tests, wall_seconds: float = 10.0, cpu_seco
         program = extract_program(completion) + "\n\n" + "\n".join(lines if isinstance(lines, list) else [lines]) + "\n"
         scores.append(float(run_python(program, limits, allow_unsandboxed).ok))
     return scores
+
+
+def _preflight(allow_unsandboxed: bool = False, **_) -> None:
+    """Refuse before training, not at the first reward, where the sandbox cannot isolate programs."""
+    if not allow_unsandboxed and not isolation_prefix():
+        raise SandboxUnavailable(
+            "code_tests: cannot isolate model-written code on this machine (util-linux unshare with network, PID and "
+            "mount namespaces is needed); set the reward's option allow_unsandboxed: true to run it with resource "
+            "limits only, without isolation")
+
+
+code_tests.preflight = _preflight

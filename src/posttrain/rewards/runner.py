@@ -48,10 +48,12 @@ def _score(name: str, options: dict, prompts: list, completions: list, columns: 
 
 class RewardRunner:
     def __init__(self, specs: list[tuple[str, float, dict]], workers: int = 2, timeout: float = 120.0):
-        for name, _, _ in specs:
+        for name, _, options in specs:
             try:
-                resolve_reward(name)
-            except ValueError as exc:
+                preflight = getattr(resolve_reward(name), "preflight", None)  # a reward's own check of its set-up
+                if preflight is not None:
+                    preflight(**options)
+            except (ValueError, RuntimeError) as exc:
                 raise UserError(f"rewards: {exc}") from None
         self.specs, self.workers, self.timeout = specs, workers, timeout
         self.pool = None

@@ -207,8 +207,8 @@ class GRPOTask(OfflineTask):
         for error in scores.errors[:3]:
             self.say(f"reward error: {error}")
         totals = self.shape_rewards(totals, completions)
-        keep = self.varied_groups(totals, g) if cfg.dynamic_sampling != "none" else [True] * (len(totals) // g)
-        zero_std_fraction = 1 - sum(keep) / max(len(keep), 1) if cfg.dynamic_sampling != "none" else self.zero_std_fraction(totals, g)
+        varied = self.varied_groups(totals, g)
+        keep = list(varied) if cfg.dynamic_sampling != "none" else [True] * len(varied)
         wanted = len(keep)
         while cfg.dynamic_sampling == "resample" and sum(keep) < wanted and rounds < cfg.max_resample:
             rounds += 1
@@ -226,7 +226,7 @@ class GRPOTask(OfflineTask):
 
         prompt_ids = [ex.prompt_ids for _, ex in flat]
         completion_ids = [c.token_ids for c in completions]
-        lengths = torch.tensor([len(c) for c in completion_ids])
+        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.long)
         token_seq = torch.repeat_interleave(torch.arange(len(completion_ids)), lengths)
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
         active = ~truncated if cfg.overlong_filter else torch.ones(len(completions), dtype=torch.bool)
@@ -238,34 +238,23 @@ class GRPOTask(OfflineTask):
             policy_logps = self.logps_of(partial, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
         if cfg.kl_coef:
             ref_logps = self.logps_of(partial, lambda batch: self.reference.run(module, self.reference_logps, batch))
-        penalty = None
+        penalty = kl_values = None
         if cfg.kl_coef and cfg.kl_in == "reward":
-            penalty = -cfg.kl_coef * kl_estimate(policy_logps, ref_logps, cfg.kl_estimator)
+            kl_values = kl_estimate(policy_logps, ref_logps, cfg.kl_estimator)
+            penalty = -cfg.kl_coef * kl_values
         rewards = torch.tensor(totals, dtype=torch.float64)
-        groups = torch.tensor([pos for pos, _ in flat])
-        advantage = self.global_advantages(rewards, groups, token_seq, penalty)
-
+        groups = torch.tensor([pos for pos, _ in flat], dtype=torch.long)
+        mine = {"rewards": rewards, "groups": groups, "token_seq": token_seq, "lengths": lengths, "truncated": truncated,
+                "penalty": penalty if penalty is not None else torch.zeros(len(token_seq), dtype=torch.float64),
+                "kl": kl_values, "by_reward": by_reward, "failed": failed, "zero_std_groups": wanted - sum(varied), "group_count": wanted,
+                "trained_groups": len(chosen_groups), "rounds": rounds, "generated": self.backend.stats.tokens - gen_tokens_before,
+                "generate_s": self.backend.stats.seconds - gen_before, "reward_s": reward_s}
+        every = self.gathered(mine)
+        advantage = self.global_advantages(every)
         rollouts = Rollouts(prompt_ids, completion_ids, active, advantage, sampler_logps,
                             policy_logps if cfg.num_iterations > 1 else None,
                             ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None)
-        generated = self.backend.stats.tokens - gen_tokens_before
-        gen_s = self.backend.stats.seconds - gen_before
-        self.last_metrics = {
-            "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            **{f"reward/{name}/mean": _mean([v for v in values if v is not None]) for name, values in by_reward.items()},
-            **{f"reward/{name}/failed": float(count) for name, count in failed.items()},
-            "groups/zero_std_fraction": zero_std_fraction,
-            "groups/trained": float(len(chosen_groups)),
-            "groups/resample_rounds": float(rounds),
-            "advantage/mean": float(advantage.mean()) if len(advantage) else 0.0,
-            "advantage/std": float(advantage.std()) if len(advantage) > 1 else 0.0,
-            "completion/length_mean": float(lengths.double().mean()) if len(lengths) else 0.0,
-            "completion/length_max": float(lengths.max()) if len(lengths) else 0.0,
-            "completion/truncated_fraction": float(truncated.double().mean()) if len(truncated) else 0.0,
-            "time/generate_s": gen_s, "time/reward_s": reward_s,
-            "generate/tokens_per_s": generated / max(gen_s, 1e-9),
-        }
+        self.last_metrics = self.rollout_metrics(every)
         return rollouts
 
     def shape_rewards(self, totals: list[float], completions: list) -> list[float]:
@@ -281,26 +270,52 @@ class GRPOTask(OfflineTask):
     def varied_groups(totals: list[float], g: int) -> list[bool]:
         return [max(totals[i : i + g]) > min(totals[i : i + g]) for i in range(0, len(totals), g)]
 
-    def zero_std_fraction(self, totals: list[float], g: int) -> float:
-        varied = self.varied_groups(totals, g)
-        return 1 - sum(varied) / max(len(varied), 1)
-
-    def global_advantages(self, rewards, groups, token_seq, penalty) -> torch.Tensor:
-        """Advantages over every process's completions of the step; this process's part."""
-        world, rank = self.processes()
-        if world == 1:
-            return advantages(self.cfg.advantage, rewards, groups, token_seq, penalty, **self.cfg.hyperparameters())
+    def gathered(self, mine: dict) -> list[dict]:
+        """Every process's ``mine``, in rank order (a group is never split, but batch statistics are global)."""
+        if self.processes()[0] == 1:
+            return [mine]
         from accelerate.utils import gather_object
 
-        if penalty is None:
-            penalty = torch.zeros(len(token_seq), dtype=torch.float64)
-        parts = gather_object([(rewards, groups, token_seq, penalty)])
-        offsets = np.cumsum([0] + [len(p[0]) for p in parts])
-        every = advantages(self.cfg.advantage, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                           torch.cat([p[2] + int(o) for p, o in zip(parts, offsets)]), torch.cat([p[3] for p in parts]),
-                           **self.cfg.hyperparameters())
-        token_offsets = np.cumsum([0] + [len(p[2]) for p in parts])
-        return every[int(token_offsets[rank]) : int(token_offsets[rank + 1])]
+        return gather_object([mine])
+
+    def global_advantages(self, every: list[dict]) -> torch.Tensor:
+        """Advantages over every process's completions of the step; this process's part."""
+        offsets = np.cumsum([0] + [len(p["rewards"]) for p in every])
+        token_offsets = np.cumsum([0] + [len(p["token_seq"]) for p in every])
+        values = advantages(self.cfg.advantage, torch.cat([p["rewards"] for p in every]), torch.cat([p["groups"] for p in every]),
+                            torch.cat([p["token_seq"] + int(o) for p, o in zip(every, offsets)]),
+                            torch.cat([p["penalty"] for p in every]), **self.cfg.hyperparameters())
+        rank = self.processes()[1]
+        self.all_advantages = values
+        return values[int(token_offsets[rank]) : int(token_offsets[rank + 1])]
+
+    def rollout_metrics(self, every: list[dict]) -> dict[str, float]:
+        """What this step's sampling produced, over all processes: the numbers that explain a flat loss."""
+        def cat(key):
+            return torch.cat([p[key] for p in every])
+
+        rewards, lengths, truncated, advantage = cat("rewards"), cat("lengths").double(), cat("truncated").double(), self.all_advantages
+        seconds = {key: max(p[key] for p in every) for key in ("generate_s", "reward_s")}  # processes work side by side
+        metrics = {
+            "reward/mean": _mean(rewards.tolist()),
+            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "groups/zero_std_fraction": sum(p["zero_std_groups"] for p in every) / max(sum(p["group_count"] for p in every), 1),
+            "groups/trained": float(sum(p["trained_groups"] for p in every)),
+            "groups/resample_rounds": float(max(p["rounds"] for p in every)),
+            "advantage/mean": _mean(advantage.tolist()),
+            "advantage/std": float(advantage.std()) if len(advantage) > 1 else 0.0,
+            "completion/length_mean": _mean(lengths.tolist()),
+            "completion/length_max": float(lengths.max()) if len(lengths) else 0.0,
+            "completion/truncated_fraction": _mean(truncated.tolist()),
+            "time/generate_s": seconds["generate_s"], "time/reward_s": seconds["reward_s"],
+            "generate/tokens_per_s": sum(p["generated"] for p in every) / max(seconds["generate_s"], 1e-9),
+        }
+        for name in every[0]["by_reward"]:
+            metrics[f"reward/{name}/mean"] = _mean([v for p in every for v in p["by_reward"][name] if v is not None])
+            metrics[f"reward/{name}/failed"] = float(sum(p["failed"][name] for p in every))
+        if every[0]["kl"] is not None:
+            metrics["policy/kl_ref"] = _mean(torch.cat([p["kl"] for p in every]).tolist())
+        return metrics
 
     def reference_logps(self, reference_module, batch: Batch) -> torch.Tensor:
         inner = TargetLogprobs(reference_module.model, self.recipe.train.logprob_chunk, temperature=self.settings.temperature)
@@ -400,11 +415,16 @@ class GRPOTask(OfflineTask):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return self.buffer.tensors() if self.cfg.num_iterations > 1 and self.buffer is not None else {}
+        """Mid-cycle of ``num_iterations``: the rollout batch still to train on, and its metrics."""
+        if self.cfg.num_iterations == 1 or self.buffer is None:
+            return {}
+        metrics = {f"metrics/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.last_metrics.items()}
+        return {**self.buffer.tensors(), **metrics}
 
     def load_state_dict(self, state: dict) -> None:
         if state and self.cfg.num_iterations > 1:
-            self.buffer = Rollouts.from_tensors(state)
+            self.buffer = Rollouts.from_tensors({k: v for k, v in state.items() if not k.startswith("metrics/")})
+            self.last_metrics = {k.removeprefix("metrics/"): float(v) for k, v in state.items() if k.startswith("metrics/")}
 
     def say(self, message: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
@@ -424,4 +444,4 @@ def _user(text: str):
 
 
 def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan
+    return float(sum(values) / len(values)) if values else 0.0

@@ -1,0 +1,248 @@
+"""Online RL through the engine with the tiny model: invariance of every aggregation to accumulation and
+process count, KL placement, DAPO's filters, rollout state in checkpoints, evaluation, recipe errors."""
+
+import signal
+
+import pytest
+import torch
+
+from helpers import assert_weights_close, final_weights, metrics, run_command
+from posttrain.objectives.policy import AGGREGATIONS
+
+# The tiny random model rarely samples EOS: stop strings give completions of varied lengths, and the
+# length reward gives every group varied rewards, so every aggregation mode weighs tokens differently.
+RL = {"rollout.num_generations": 4, "rollout.max_new_tokens": 12, "rollout.stop": '["e", "a"]',
+      "rewards": "[{name: length, options: {per: 10}}]", "rl.reward_workers": 0, "train.max_steps": 2}
+
+
+def run_grpo(model_dir, out, **overrides):
+    return run_command("grpo", model_dir, out, **{**RL, **overrides})
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_accumulation_does_not_change_loss_or_updates(tiny_model_dir, tmp_path, mode):
+    runs = {}
+    for batch_size, accum in [(8, 1), (2, 4), (1, 8)]:
+        out = tmp_path / f"{batch_size}x{accum}"
+        run_grpo(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "rl.aggregation": mode,
+                                         "rl.kl_coef": 0.05, "peft.method": "lora"})
+        runs[(batch_size, accum)] = (metrics(out), final_weights(out))
+    reference_metrics, reference_weights = runs[(8, 1)]
+    assert reference_metrics[0]["grad_norm"] > 1e-3 and reference_metrics[1]["policy/kl_ref"] > 0
+    for key, (logged, weights) in runs.items():
+        for a, b in zip(reference_metrics, logged):
+            for name in ("loss", "grad_norm", "policy/kl_ref", "policy/entropy", "reward/mean"):
+                assert a[name] == pytest.approx(b[name], abs=1e-9), (key, name)
+        assert_weights_close(reference_weights, weights, atol=1e-9)
+
+
+def test_per_microbatch_normalization_would_fail_the_accumulation_test(tiny_model_dir, tmp_path, monkeypatch):
+    """Guard: normalizing each micro-batch by its own tokens (TRL #3021) changes the loss by far more than the
+    tolerance above."""
+    from posttrain.train.tasks.grpo import GRPOTask
+
+    original = GRPOTask.loss
+    monkeypatch.setattr(GRPOTask, "loss", lambda self, module, rl, normalizer: original(
+        self, module, rl, rl.units * self.recipe.train.grad_accum))
+    for batch_size, accum in [(8, 1), (1, 8)]:
+        run_grpo(tiny_model_dir, tmp_path / f"{batch_size}x{accum}", **{"train.batch_size": batch_size, "train.grad_accum": accum})
+    first, buggy = metrics(tmp_path / "8x1"), metrics(tmp_path / "1x8")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(first, buggy)) > 1e3 * 1e-9
+
+
+def test_metrics_explain_the_step(tiny_model_dir, tmp_path):
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8})
+    first = metrics(tmp_path)[0]
+    for key in ("reward/mean", "reward/std", "reward/length/mean", "reward/length/failed", "groups/zero_std_fraction",
+                "advantage/mean", "advantage/std", "policy/clip_low_fraction", "policy/clip_high_fraction",
+                "policy/approx_kl_old", "policy/entropy", "policy/sampler_mismatch", "completion/length_mean",
+                "completion/length_max", "completion/truncated_fraction", "time/generate_s", "time/reward_s",
+                "time/update_s", "generate/tokens_per_s"):
+        assert key in first, key
+    # on-policy, token_mean: the loss is minus the mean token advantage (0 when lengths do not vary), whatever
+    # the gradient, which is not 0
+    assert first["loss"] == pytest.approx(-first["advantage/mean"], abs=1e-12)
+    assert first["advantage/std"] > 0.1 and first["grad_norm"] > 0
+    assert first["policy/sampler_mismatch"] < 1e-5  # generate's float32 logits against the fp64 trainer
+    assert first["policy/approx_kl_old"] == 0.0 and first["policy/clip_low_fraction"] == 0.0
+
+
+def test_kl_in_the_reward_and_in_the_loss(tiny_model_dir, tmp_path):
+    """Step 1: the LoRA policy is its reference (KL 0). Then the KL shows up where it was put: in the loss
+    (logged per token, added to the loss), or subtracted from the rewards (the advantages change)."""
+    common = {"train.batch_size": 8, "train.max_steps": 3, "peft.method": "lora", "rl.kl_coef": 0.5, "rl.kl_estimator": "k1"}
+    run_grpo(tiny_model_dir, tmp_path / "loss", **common)
+    run_grpo(tiny_model_dir, tmp_path / "reward", **common, **{"rl.kl_in": "reward"})
+    run_grpo(tiny_model_dir, tmp_path / "none", **{**common, "rl.kl_coef": 0.0})
+    in_loss, in_reward, without = metrics(tmp_path / "loss"), metrics(tmp_path / "reward"), metrics(tmp_path / "none")
+    assert in_loss[0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-12)
+    assert in_reward[0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-12)
+    assert abs(in_loss[2]["policy/kl_ref"]) > 1e-6 and abs(in_reward[2]["policy/kl_ref"]) > 1e-6
+    assert in_loss[0]["loss"] == pytest.approx(without[0]["loss"], abs=1e-12)  # no KL yet: the same step
+    assert in_reward[0]["advantage/std"] == pytest.approx(without[0]["advantage/std"], abs=1e-12)
+    assert "policy/kl_ref" not in without[0]
+
+
+def test_dynamic_sampling_drops_groups_whose_rewards_agree(tiny_model_dir, tmp_path):
+    """A constant reward: every group has zero std. ``drop`` trains on nothing (the weights do not move);
+    ``none`` trains on zero advantages (the weights do not move either, but the steps are spent)."""
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "rl.dynamic_sampling": "drop", "peft.method": "lora",
+                                          "rewards": "[{name: 'test_grpo:constant'}]"})
+    logged = metrics(tmp_path)
+    assert [m["groups/trained"] for m in logged] == [0.0, 0.0]
+    assert [m["groups/zero_std_fraction"] for m in logged] == [1.0, 1.0]
+    assert all(float(w.abs().max()) == 0.0 for k, w in final_weights(tmp_path).items() if "lora_B" in k)
+
+
+def test_resampling_refills_the_step(tiny_model_dir, tmp_path):
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "rl.dynamic_sampling": "resample", "rl.max_resample": 3,
+                                          "rewards": "[{name: 'test_grpo:only_prompt_zero_varies'}]", "data.limit": 8})
+    logged = metrics(tmp_path)
+    assert all(m["groups/trained"] <= 2 for m in logged)
+    assert sum(m["groups/resample_rounds"] for m in logged) > 0
+
+
+def constant(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+def only_prompt_zero_varies(prompts, completions, group, **_):
+    """Varied rewards only for the groups of the first prompt position of each sampling round."""
+    return [float(len(c)) if g % 2 == 0 else 0.0 for c, g in zip(completions, group)]
+
+
+def test_overlong_filter_masks_truncated_completions(tiny_model_dir, tmp_path):
+    """Every completion is cut at 12 tokens without stop strings: filtered, nothing is trained on."""
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "rollout.stop": "[]", "rl.overlong_filter": "true",
+                                          "peft.method": "lora"})
+    assert metrics(tmp_path)[0]["completion/truncated_fraction"] == 1.0
+    assert all(float(w.abs().max()) == 0.0 for k, w in final_weights(tmp_path).items() if "lora_B" in k)
+
+
+def test_soft_overlong_punishment(tiny_model_dir, tmp_path):
+    from posttrain.config import load_recipe
+    from posttrain.train.tasks.grpo import GRPOTask
+
+    recipe = load_recipe("grpo", None, [f"model={tiny_model_dir}", f"output_dir={tmp_path}", "data.train=x.jsonl",
+                                        "rollout.max_new_tokens=20", "rl.overlong_buffer=8",
+                                        "rl.overlong_penalty=2.0", "rollout.chat=false"])
+    task = GRPOTask(recipe, None)
+
+    class Completion:
+        def __init__(self, n):
+            self.token_ids = [0] * n
+
+    # no penalty up to 12 tokens, then linear to -2 at 20
+    assert task.shape_rewards([1.0] * 4, [Completion(n) for n in (5, 12, 16, 20)]) == pytest.approx([1.0, 1.0, 0.0, -1.0])
+
+
+def test_num_iterations_reuses_rollouts_with_the_old_logprobs(tiny_model_dir, tmp_path):
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "train.max_steps": 4, "rl.num_iterations": 2,
+                                          "train.lr": 5e-2})
+    logged = metrics(tmp_path)
+    assert logged[0]["reward/mean"] == logged[1]["reward/mean"]  # the same rollouts, trained on twice
+    assert logged[0]["policy/approx_kl_old"] == 0.0 and logged[1]["policy/approx_kl_old"] > 0
+    assert logged[2]["policy/approx_kl_old"] == 0.0  # a fresh rollout batch
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Kill mid-cycle of num_iterations 2: the rollout buffer and the sampling RNG come back from the checkpoint."""
+    from test_engine import run_cli, write_recipe
+
+    common = {**RL, "train.max_steps": 6, "train.save_every": 1, "train.batch_size": 4, "train.grad_accum": 2,
+              "peft.method": "lora", "peft.dropout": 0.1, "rl.num_iterations": 2, "rl.kl_coef": 0.1}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli(["grpo", str(write_recipe(tmp_path, tiny_model_dir, straight, common))]).returncode == 0
+    recipe = write_recipe(tmp_path, tiny_model_dir, killed, common)
+    assert run_cli(["grpo", str(recipe)], kill_at_step=4).returncode == -signal.SIGKILL  # step 3 saved, mid-cycle
+    resumed = run_cli(["grpo", str(recipe)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-6)
+    for a, b in zip(metrics(straight), metrics(killed)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-12)
+
+
+def test_evaluation_reports_accuracy_with_an_interval(tiny_model_dir, tmp_path):
+    from conftest import GSM8K
+
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "train.max_steps": 1, "rewards": "[{name: math_answer}]",
+                                          "data.eval": str(GSM8K), "data.eval_limit": 6})
+    evaluated = metrics(tmp_path, "eval.jsonl")[-1]
+    assert evaluated["eval/n"] == 6 and 0.0 <= evaluated["eval/accuracy_ci_low"] <= evaluated["eval/accuracy"]
+    assert evaluated["eval/accuracy_ci_high"] > 0.3  # 6 problems: the interval is wide, as it should be
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.batch_size": 6}, "train.batch_size x train.grad_accum"),
+    ({"rl.epsilon_low": 0.1, "rl.policy_loss": "reinforce"}, "epsilon_low not used"),
+    ({"rl.advantage": "reinforce_pp", "rl.kl_coef": 0.1}, "kl_in: reward"),
+    ({"rl.policy_loss": "reinforce", "rl.num_iterations": 2}, "on-policy"),
+    ({"rl.kl_estimator": "none", "rl.kl_coef": 0.1}, "kl_estimator"),
+    ({"rl.advantage": "gae"}, "gae"),
+    ({"rewards": "[{name: nope}]"}, "unknown reward"),
+])
+def test_recipe_errors(tiny_model_dir, tmp_path, overrides, message):
+    from posttrain.errors import UserError
+
+    with pytest.raises((UserError, ValueError), match=message):
+        run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, **overrides})
+
+
+# -- the generation backend ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    from posttrain.models import load_tokenizer
+    from posttrain.rollout.backend import TransformersBackend
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    return TransformersBackend(model, load_tokenizer(str(tiny_model_dir)))
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+
+
+def test_samples_do_not_depend_on_the_batch(backend):
+    from posttrain.rollout.backend import SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=50)
+    together = backend.generate(PROMPTS, [1, 2, 3], settings)
+    backend.batch_size = 1
+    try:
+        alone = backend.generate(PROMPTS, [1, 2, 3], settings)
+    finally:
+        backend.batch_size = 64
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert backend.generate(PROMPTS[:1], [1], settings)[0].token_ids == together[0].token_ids  # seeded per sample
+    assert backend.generate(PROMPTS[:1], [4], settings)[0].token_ids != together[0].token_ids
+
+
+def test_sampler_logprobs_are_the_trainers_at_the_sampling_temperature(backend):
+    from posttrain.rollout.backend import SamplingSettings
+
+    completion = backend.generate(PROMPTS[:1], [7], SamplingSettings(max_new_tokens=8, temperature=0.7))[0]
+    ids = torch.tensor([PROMPTS[0] + completion.token_ids])
+    logits = backend.model(ids).logits[0, len(PROMPTS[0]) - 1 : -1] / 0.7
+    direct = logits.log_softmax(-1).gather(1, torch.tensor(completion.token_ids)[:, None]).squeeze(1)
+    assert completion.sampler_logps == pytest.approx(direct.tolist(), abs=1e-5)  # generate's logits are float32
+
+
+def test_temperature_zero_is_greedy(backend):
+    from posttrain.rollout.backend import SamplingSettings
+
+    greedy = backend.generate(PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=0.0))[0]
+    expected = backend.model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, pad_token_id=2)
+    produced = expected[0, len(PROMPTS[0]):].tolist()
+    assert greedy.token_ids == produced[: len(greedy.token_ids)]
+    assert backend.generate(PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=1))[0].token_ids == greedy.token_ids
+
+
+def test_stop_strings_end_a_completion(backend):
+    from posttrain.rollout.backend import SamplingSettings
+
+    free = backend.generate(PROMPTS, [1, 2, 3], SamplingSettings(max_new_tokens=12))
+    stopped = backend.generate(PROMPTS, [1, 2, 3], SamplingSettings(max_new_tokens=12, stop=("e",)))
+    for a, b in zip(free, stopped):
+        assert a.token_ids[: len(b.token_ids)] == b.token_ids  # the same sample, cut
+        if "e" in a.text:
+            assert b.text.count("e") >= 1 and not b.truncated and "e" not in backend.tokenizer.decode(b.token_ids[:-1])
