@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def run_one(name: str) -> dict:
     from posttrain.train.run import run
 
     out = ROOT / name
+    shutil.rmtree(out, ignore_errors=True)  # a finished run would resume as "done" and report no step-0 evaluation
     overrides = {"output_dir": str(out), "data.limit": 240, "train.report_to": "[]", **VARIANTS[name]}
     summary = run("sft", load_recipe("sft", "quickstart", [f"{k}={v}" for k, v in overrides.items()]))
     records = load_answer_records(HELD_OUT, QUESTIONS)

@@ -29,14 +29,19 @@ def run_sft(model_dir: Path, out: Path, **overrides) -> dict:
     return run_command("sft", model_dir, out, **overrides)
 
 
-def run_command(command: str, model_dir: Path, out: Path, **overrides) -> dict:
+def reset_accelerate() -> None:
+    """Each in-process run starts from a fresh accelerate state (its precision may differ from the last)."""
     from accelerate.state import AcceleratorState, PartialState
-
-    from posttrain.config import load_recipe
-    from posttrain.train.run import run
 
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
+
+
+def run_command(command: str, model_dir: Path, out: Path, **overrides) -> dict:
+    from posttrain.config import load_recipe
+    from posttrain.train.run import run
+
+    reset_accelerate()
     recipe = load_recipe(command, None, tiny_recipe(model_dir, out, **overrides))
     return run(command, recipe)
 

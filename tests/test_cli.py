@@ -155,7 +155,7 @@ def test_settings_that_would_be_ignored_are_refused(tiny_model_dir, tmp_path, mo
 def test_every_shipped_recipe_validates():
     from posttrain.config import load_recipe, recipes_dir
 
-    command_of = {"quickstart": "sft", "sft": "sft", "dpo": "dpo", "kto": "kto", "rank": "rank"}
+    command_of = {"quickstart": "sft", "sft": "sft", "dpo": "dpo", "kto": "kto", "rank": "rank", "grpo": "grpo"}
     for path in sorted(recipes_dir().glob("*.yaml")):
         command = command_of[path.stem.split("_")[0]]
         recipe = load_recipe(command, str(path))

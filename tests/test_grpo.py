@@ -246,3 +246,38 @@ def test_stop_strings_end_a_completion(backend):
         assert a.token_ids[: len(b.token_ids)] == b.token_ids  # the same sample, cut
         if "e" in a.text:
             assert b.text.count("e") >= 1 and not b.truncated and "e" not in backend.tokenizer.decode(b.token_ids[:-1])
+
+
+# -- shipped task and recipes ----------------------------------------------------------------------------
+def test_shipped_arithmetic_files_are_the_generator_output_and_never_overlap():
+    import json
+    from importlib import resources
+
+    from posttrain.data.arithmetic import split
+
+    assets = resources.files("posttrain") / "assets"
+    train, evaluation = split()
+    assert [json.loads(line) for line in (assets / "arithmetic_train.jsonl").read_text().splitlines()] == train
+    assert [json.loads(line) for line in (assets / "arithmetic_eval_200.jsonl").read_text().splitlines()] == evaluation
+    assert len(evaluation) == 200 and not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    for record in train + evaluation:
+        expression = record["prompt"].removeprefix("What is ").split("?")[0]
+        assert str(eval(expression)) == record["answer"]  # noqa: S307 - our own generated arithmetic
+    assert {op: sum(f" {op} " in r["prompt"] for r in evaluation) for op in "+-*"} == {"+": 67, "-": 67, "*": 66}
+
+
+def test_gsm8k_recipe_runs_with_tiny_settings(tiny_model_dir, tmp_path):
+    """The GPU recipe as shipped (bf16 autocast, gradient checkpointing, two rewards in worker processes),
+    shrunk to the tiny model and one step."""
+    from helpers import reset_accelerate
+    from posttrain.config import load_recipe
+    from posttrain.train.run import run
+
+    reset_accelerate()
+    overrides = {"model": tiny_model_dir, "output_dir": tmp_path, "data.limit": 8, "data.eval_limit": 4,
+                 "data.max_length": 256, "rollout.max_new_tokens": 8, "rollout.num_generations": 4,
+                 "train.max_steps": 1, "train.batch_size": 8, "train.grad_accum": 1, "train.report_to": "[]"}
+    summary = run("grpo", load_recipe("grpo", "grpo_gsm8k", [f"{k}={v}" for k, v in overrides.items()]))
+    logged = metrics(tmp_path)[0]
+    assert logged["reward/math_answer/failed"] == 0 and logged["reward/format/failed"] == 0
+    assert summary["eval"][-1]["eval/n"] == 4

@@ -49,3 +49,19 @@ def test_generate_answers_a_simple_question():
                              "What is the capital of France?", "--max-new-tokens", "24"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_grpo_arithmetic_steps_on_the_embedded_model(tmp_path):
+    """Two steps of the shipped arithmetic recipe: rewards arrive, completions are the model's own, the
+    sampler's log-probs are the trainer's (fp32), and the adapter moves."""
+    from helpers import run_command
+
+    run_command("grpo", "default", tmp_path, **{
+        "data.train": "pkg:assets/arithmetic_train.jsonl", "data.limit": 16, "data.max_length": 128,
+        "peft.method": "lora", "rollout.num_generations": 4, "rollout.max_new_tokens": 24, "rollout.temperature": 0.7,
+        "rewards": "[{name: math_answer}]", "train.max_steps": 2, "train.batch_size": 8, "train.lr": 2e-4,
+        "train.precision": "fp32"})
+    logged = metrics(tmp_path)
+    assert all(m["reward/math_answer/failed"] == 0 for m in logged)
+    assert all(m["policy/sampler_mismatch"] < 1e-4 for m in logged)
+    assert all(0 < m["completion/length_mean"] <= 24 for m in logged)

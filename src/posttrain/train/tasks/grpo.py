@@ -14,7 +14,6 @@ against the log-probs at sampling time (kept in the checkpoint, so a resume mid-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

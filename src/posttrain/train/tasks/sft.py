@@ -181,7 +181,7 @@ class SFTTask(OfflineTask):
         if "sequences" in self.spec.needs:  # PoFT
             active = (batch.target_weights > 0).to(logps.dtype)
             means = per_example_sum(logps * active, batch) / per_example_sum(active, batch).clamp(min=1)
-            references = self.ref_means[batch.example_index].to(logps)
+            references = self.ref_means[batch.example_index.cpu()].to(logps)
             losses = poft(means, references, **self.spec.options(self.cfg.beta, {}))
             return losses.sum() / normalizer, {"poft/margin": float((means[:, None] - references).mean()) * batch.num_examples / normalizer}
         per_token = self.spec.fn(divergence if divergence is not None else logps)
