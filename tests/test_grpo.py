@@ -281,3 +281,17 @@ def test_gsm8k_recipe_runs_with_tiny_settings(tiny_model_dir, tmp_path):
     logged = metrics(tmp_path)[0]
     assert logged["reward/math_answer/failed"] == 0 and logged["reward/format/failed"] == 0
     assert summary["eval"][-1]["eval/n"] == 4
+
+
+def test_remax_trains_against_the_greedy_baseline(tiny_model_dir, tmp_path):
+    runs = {}
+    for batch_size, accum in [(8, 1), (1, 8)]:
+        out = tmp_path / f"{batch_size}x{accum}"
+        run_grpo(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "rl.advantage": "remax",
+                                         "rl.policy_loss": "reinforce", "peft.method": "lora"})
+        runs[(batch_size, accum)] = (metrics(out), final_weights(out))
+    (first, weights), (other, other_weights) = runs.values()
+    assert first[0]["advantage/std"] > 0 and first[0]["grad_norm"] > 0
+    for a, b in zip(first, other):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-9)
+    assert_weights_close(weights, other_weights, atol=1e-9)

@@ -106,8 +106,24 @@ def test_reinforce_pp_baseline_against_a_loop():
     assert run("reinforce_pp_baseline").tolist() == pytest.approx(whiten_list(per_token(centred)), abs=1e-12)
 
 
+def test_remax_against_a_loop():
+    """Return (reward at the last token plus the KL penalties from t on) minus the greedy completion's reward."""
+    _, penalty = layout()
+    greedy = {0: 0.5, 5: 1.0, 9: 0.0}
+    baselines = torch.tensor([greedy[g] for g in GROUPS], dtype=torch.float64)
+    expected, t = [], 0
+    for r, n, g in zip(REWARDS, LENGTHS, GROUPS):
+        step_rewards = penalty[t : t + n].tolist()
+        step_rewards[-1] += r
+        expected += [sum(step_rewards[k:]) - greedy[g] for k in range(n)]
+        t += n
+    assert run("remax", penalty, baselines=baselines).tolist() == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="greedy"):
+        run("remax")
+
+
 def test_every_estimator_is_tested_here():
-    assert set(ADVANTAGES) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"}
+    assert set(ADVANTAGES) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"}
 
 
 def test_unknown_scaling_is_refused():

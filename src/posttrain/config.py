@@ -279,7 +279,7 @@ class RewardSpec(Section):
 
 class RLConfig(Section):
     family: ClassVar[str] = "rl"
-    advantage: str = Field("grpo", description="advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline")
+    advantage: str = Field("grpo", description="advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | remax")
     scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description="grpo: divide by the group's std "
                                                                     "(paper), the batch's, or not at all")
     policy_loss: str = Field("ppo_clip", description="ppo_clip | gspo | cispo | reinforce")

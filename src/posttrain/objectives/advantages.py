@@ -98,6 +98,18 @@ def reinforce_pp_baseline(rewards, groups, token_seq, token_penalty) -> torch.Te
     return whiten(centred[token_seq])
 
 
+@ADVANTAGES.register("remax", needs=["greedy_baseline"])
+def remax(rewards, groups, token_seq, token_penalty, baselines) -> torch.Tensor:
+    """ReMax (Li et al., 2024, "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method for
+    Aligning LLMs", Alg. 1): the baseline of a prompt is the reward of its *greedy* completion, so each token's
+    advantage is its return (the reward at the last token plus the KL penalties from t on, gamma 1) minus
+    ``baselines`` [B], the greedy reward of the completion's prompt; no normalization (as verl's
+    ``compute_remax_outcome_advantage``). Costs one greedy generation per prompt."""
+    last = _last_token(token_seq, len(rewards))
+    per_token = token_penalty.to(rewards.dtype).index_add(0, last, rewards)
+    return _reverse_cumsum_per_sequence(per_token, token_seq, len(rewards)) - baselines.to(rewards.dtype)[token_seq]
+
+
 def _last_token(token_seq: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Index of each sequence's last token, for tokens laid out sequence by sequence."""
     positions = torch.arange(len(token_seq), device=token_seq.device)
@@ -115,11 +127,15 @@ def _reverse_cumsum_per_sequence(values: torch.Tensor, token_seq: torch.Tensor, 
 
 
 def advantages(name: str, rewards: torch.Tensor, groups: torch.Tensor, token_seq: torch.Tensor,
-               token_penalty: torch.Tensor | None = None, **settings) -> torch.Tensor:
-    """Per-token advantages [N] by the registered estimator ``name``; unset settings take its defaults."""
+               token_penalty: torch.Tensor | None = None, baselines: torch.Tensor | None = None, **settings) -> torch.Tensor:
+    """Per-token advantages [N] by the registered estimator ``name``; unset settings take its defaults.
+    ``baselines`` [B]: the greedy completion's reward per completion, for estimators that need it (remax)."""
     spec = ADVANTAGES[name]
+    inputs = {"baselines": baselines} if "greedy_baseline" in spec.needs else {}
+    if inputs and baselines is None:
+        raise ValueError(f"advantage estimator {name} needs the greedy baselines")
     if rewards.numel() == 0:  # dynamic sampling dropped every group
         return torch.zeros(token_seq.shape, dtype=rewards.dtype, device=rewards.device)
     if token_penalty is None:
         token_penalty = torch.zeros(token_seq.shape, dtype=rewards.dtype, device=rewards.device)
-    return spec.fn(rewards, groups, token_seq, token_penalty, **spec.options(None, settings))
+    return spec.fn(rewards, groups, token_seq, token_penalty, **inputs, **spec.options(None, settings))

@@ -1,4 +1,4 @@
-"""Online RL from verifiable or programmatic rewards: GRPO and its variants, RLOO, REINFORCE++.
+"""Online RL from verifiable or programmatic rewards: GRPO and its variants, RLOO, REINFORCE++, ReMax.
 
 One optimizer step: take the step's prompts (a seeded slice, as offline tasks), sample
 ``rollout.num_generations`` completions of each with the current policy, score them with the reward
@@ -14,6 +14,7 @@ against the log-probs at sampling time (kept in the checkpoint, so a resume mid-
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,7 +244,11 @@ class GRPOTask(OfflineTask):
             penalty = -cfg.kl_coef * kl_values
         rewards = torch.tensor(totals, dtype=torch.float64)
         groups = torch.tensor([pos for pos, _ in flat], dtype=torch.long)
+        baseline_s = time.perf_counter()
+        baselines = self.greedy_baselines(flat) if "greedy_baseline" in ADVANTAGES[cfg.advantage].needs else None
+        reward_s += time.perf_counter() - baseline_s if baselines is not None else 0.0
         mine = {"rewards": rewards, "groups": groups, "token_seq": token_seq, "lengths": lengths, "truncated": truncated,
+                "baselines": baselines,
                 "penalty": penalty if penalty is not None else torch.zeros(len(token_seq), dtype=torch.float64),
                 "kl": kl_values, "by_reward": by_reward, "failed": failed, "zero_std_groups": wanted - sum(varied), "group_count": wanted,
                 "trained_groups": len(chosen_groups), "rounds": rounds, "generated": self.backend.stats.tokens - gen_tokens_before,
@@ -255,6 +260,17 @@ class GRPOTask(OfflineTask):
                             ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None)
         self.last_metrics = self.rollout_metrics(every)
         return rollouts
+
+    def greedy_baselines(self, flat: list[tuple[int, PromptExample]]) -> torch.Tensor:
+        """ReMax's baseline: the (shaped) reward of each prompt's greedy completion, per completion [B]."""
+        prompts = list({pos: ex for pos, ex in flat}.items())
+        greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
+        completions = self.backend.generate([ex.prompt_ids for _, ex in prompts], [0] * len(prompts), greedy)
+        columns = {key: [ex.columns.get(key) for _, ex in prompts] for key in {k for _, ex in prompts for k in ex.columns}}
+        scores = self.runner.score([ex.prompt for _, ex in prompts], [c.text for c in completions], columns,
+                                   [pos for pos, _ in prompts])
+        by_position = dict(zip([pos for pos, _ in prompts], self.shape_rewards(list(scores.total), completions)))
+        return torch.tensor([by_position[pos] for pos, _ in flat], dtype=torch.float64)
 
     def shape_rewards(self, totals: list[float], completions: list) -> list[float]:
         """DAPO's soft overlong punishment (Yu et al., 2025, Eq. 13): 0 up to ``L_max - L_cache`` tokens, then
@@ -283,7 +299,9 @@ class GRPOTask(OfflineTask):
         token_offsets = np.cumsum([0] + [len(p["token_seq"]) for p in every])
         values = advantages(self.cfg.advantage, torch.cat([p["rewards"] for p in every]), torch.cat([p["groups"] for p in every]),
                             torch.cat([p["token_seq"] + int(o) for p, o in zip(every, offsets)]),
-                            torch.cat([p["penalty"] for p in every]), **self.cfg.hyperparameters())
+                            torch.cat([p["penalty"] for p in every]),
+                            torch.cat([p["baselines"] for p in every]) if every[0]["baselines"] is not None else None,
+                            **self.cfg.hyperparameters())
         rank = self.processes()[1]
         self.all_advantages = values
         return values[int(token_offsets[rank]) : int(token_offsets[rank + 1])]
