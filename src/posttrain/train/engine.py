@@ -114,7 +114,8 @@ class Engine:
                                            "tokens": state["tokens"], "epoch": state["step"] / self.steps_per_epoch,
                                            **metrics})
                 window = {"tokens": 0, "start": now}
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                shown = {label: f"{metrics[key]:.3g}" for label, key in self.task.progress.items() if key in metrics}
+                bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
             every = lambda n: n and state["step"] % n == 0  # noqa: E731
             if self.eval_examples and every(self.cfg.eval_every) and state["step"] != self.total_steps:
@@ -169,7 +170,7 @@ class Engine:
         batches_s = time.perf_counter() - started
         normalizer = self.reduce(sum(self.task.normalizer(b) for b in batches))
         if normalizer <= 0:
-            if not getattr(self.task, "empty_steps_allowed", False):
+            if not self.task.empty_steps_allowed:
                 raise TrainingError(f"step {step + 1}: the batch has nothing to train on")
             self.say(f"step {step + 1}: nothing to train on (every completion filtered out); update skipped")
             return 0.0, 0.0, 0, {**self.task.step_metrics(), "time/batches_s": batches_s}

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 @runtime_checkable
 class Task(Protocol):
     name: str
+    empty_steps_allowed: bool  # a step may have no micro-batch (RL's dynamic sampling can drop every group)
+    progress: dict[str, str]  # progress-bar label -> a step metric shown next to the loss
 
     def build_dataset(self, which: str, quiet: bool = False) -> list:
         """The examples of ``which`` (train or eval) split, tokenized."""
@@ -63,6 +65,8 @@ class OfflineTask:
     name = "offline"
     recipe = None
     accelerator = None
+    empty_steps_allowed = False
+    progress: dict[str, str] = {}
 
     def module(self, model) -> torch.nn.Module:
         from posttrain.train.forward import TargetLogprobs

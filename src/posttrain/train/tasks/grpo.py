@@ -99,6 +99,7 @@ class RLBatch:
 class GRPOTask(OfflineTask):
     name = "grpo"
     empty_steps_allowed = True  # dynamic sampling may drop every group of a step
+    progress = {"reward": "reward/mean", "len": "completion/length_mean"}
 
     def __init__(self, recipe, tokenizer):
         self.recipe, self.tokenizer, self.cfg = recipe, tokenizer, recipe.rl
