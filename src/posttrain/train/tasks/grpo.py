@@ -15,6 +15,7 @@ against the log-probs at sampling time (kept in the checkpoint, so a resume mid-
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -235,10 +236,11 @@ class GRPOTask(OfflineTask):
         partial = Rollouts(prompt_ids, completion_ids, active, torch.zeros(len(token_seq)), sampler_logps)
 
         policy_logps = ref_logps = None
-        if cfg.num_iterations > 1 or (cfg.kl_coef and cfg.kl_in == "reward"):
-            policy_logps = self.logps_of(partial, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
-        if cfg.kl_coef:
-            ref_logps = self.logps_of(partial, lambda batch: self.reference.run(module, self.reference_logps, batch))
+        with _eval_mode(module):  # the log-probs of the sampling policy itself: no adapter dropout
+            if cfg.num_iterations > 1 or (cfg.kl_coef and cfg.kl_in == "reward"):
+                policy_logps = self.logps_of(partial, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
+            if cfg.kl_coef:
+                ref_logps = self.logps_of(partial, lambda batch: self.reference.run(module, self.reference_logps, batch))
         penalty = kl_values = None
         if cfg.kl_coef and cfg.kl_in == "reward":
             kl_values = kl_estimate(policy_logps, ref_logps, cfg.kl_estimator)
@@ -449,6 +451,16 @@ class GRPOTask(OfflineTask):
             from tqdm.auto import tqdm
 
             tqdm.write(f"posttrain: {message}")
+
+
+@contextmanager
+def _eval_mode(module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def _inputs(batch: Batch) -> tuple:
