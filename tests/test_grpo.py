@@ -295,3 +295,11 @@ def test_remax_trains_against_the_greedy_baseline(tiny_model_dir, tmp_path):
     for a, b in zip(first, other):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-9)
     assert_weights_close(weights, other_weights, atol=1e-9)
+
+
+def test_reward_workers_end_with_the_run(tiny_model_dir, tmp_path):
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "train.max_steps": 1, "rl.reward_workers": 2})
+    assert {p.pid for p in multiprocessing.active_children()} <= before

@@ -65,7 +65,10 @@ def run(command: str, recipe: Recipe) -> dict:
         print(f"model: {recipe.model} ({path}); {trainable_summary(model)}", flush=True)
     model.to(accelerator.device)
     task.setup(model, accelerator, train_examples, eval_examples)
-    return Engine(recipe, task, model, tokenizer, train_examples, eval_examples, accelerator).run()
+    try:
+        return Engine(recipe, task, model, tokenizer, train_examples, eval_examples, accelerator).run()
+    finally:
+        task.close()
 
 
 def initialize_eva(model, pad: int, examples, batch_size: int, max_batches: int = 16) -> None:

@@ -49,6 +49,9 @@ class Task(Protocol):
     def step_metrics(self) -> dict[str, float]:
         """Metrics of the whole step that the task computed globally (e.g. rewards), logged as they are."""
 
+    def close(self) -> None:
+        """After training, also after a failure: release what ``setup`` started (worker processes, ...)."""
+
     def evaluate(self, module, examples: list) -> dict[str, float]:
         """Held-out metrics over ``examples``, the same on every process."""
 
@@ -116,6 +119,9 @@ class OfflineTask:
 
     def step_metrics(self) -> dict[str, float]:
         return {}
+
+    def close(self) -> None:
+        pass
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -170,6 +170,10 @@ class GRPOTask(OfflineTask):
     def after_step(self, model) -> None:
         self.backend.sync(model)
 
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
     # -- one step's data ------------------------------------------------------------------------
     def step_batches(self, step: int, examples: list, module) -> list:
         if self.cfg.num_iterations == 1 or step % self.cfg.num_iterations == 0 or self.buffer is None:
