@@ -14,7 +14,6 @@ against the log-probs at sampling time (kept in the checkpoint, so a resume mid-
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -95,6 +94,44 @@ class RLBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         moved["batch"] = self.batch.to(device)
         return RLBatch(**moved)
+
+
+@dataclass
+class Sampled:
+    """One process's sampled and scored groups of a step (completions of a group are contiguous)."""
+
+    flat: list = field(default_factory=list)  # (group position, prompt) per completion
+    completions: list = field(default_factory=list)
+    totals: list[float] = field(default_factory=list)  # shaped, weighted reward per completion
+    by_reward: dict[str, list] = field(default_factory=dict)  # every sampled completion, for the metrics
+    failed: dict[str, int] = field(default_factory=dict)
+    reward_s: float = 0.0
+    group_count: int = 0  # groups a step trains on (the first round's)
+    zero_std_groups: int = 0  # of the first round
+    rounds: int = 0
+    trained_groups: int = 0
+
+    def add(self, flat: list, completions: list, scores, totals: list[float], g: int) -> list[bool]:
+        """Append a sampling round; whether each of its groups has rewards that vary."""
+        self.flat += flat
+        self.completions += completions
+        self.totals += totals
+        self.reward_s += scores.seconds
+        for name, values in scores.by_reward.items():
+            self.by_reward.setdefault(name, []).extend(values)
+            self.failed[name] = self.failed.get(name, 0) + scores.failed[name]
+        return [max(totals[i : i + g]) > min(totals[i : i + g]) for i in range(0, len(totals), g)]
+
+    def select(self, groups: list[int], g: int) -> None:
+        chosen = [i * g + k for i in groups for k in range(g)]
+        self.flat, self.completions = [self.flat[i] for i in chosen], [self.completions[i] for i in chosen]
+        self.totals = [self.totals[i] for i in chosen]
+        self.trained_groups = len(groups)
+
+    def counts(self) -> dict:
+        return {"by_reward": self.by_reward, "failed": self.failed, "reward_s": self.reward_s, "rounds": self.rounds,
+                "group_count": self.group_count, "zero_std_groups": self.zero_std_groups,
+                "trained_groups": self.trained_groups}
 
 
 class GRPOTask(OfflineTask):
@@ -205,31 +242,11 @@ class GRPOTask(OfflineTask):
 
     @torch.no_grad()
     def collect(self, step: int, examples: list, module) -> Rollouts:
-        cfg, g = self.cfg, self.recipe.rollout.num_generations
+        """Sample and score this step's groups, then compute their advantages over all processes."""
+        cfg = self.cfg
         gen_before, gen_tokens_before = self.backend.stats.seconds, self.backend.stats.tokens
-        flat, completions, scores = self.sample(step, self.my_prompts(step, examples))
-        reward_s, failed, by_reward, rounds = scores.seconds, dict(scores.failed), {k: list(v) for k, v in scores.by_reward.items()}, 0
-        totals = list(scores.total)
-        for error in scores.errors[:3]:
-            self.say(f"reward error: {error}")
-        totals = self.shape_rewards(totals, completions)
-        varied = self.varied_groups(totals, g)
-        keep = list(varied) if cfg.dynamic_sampling != "none" else [True] * len(varied)
-        wanted = len(keep)
-        while cfg.dynamic_sampling == "resample" and sum(keep) < wanted and rounds < cfg.max_resample:
-            rounds += 1
-            more_flat, more, more_scores = self.sample(step, self.my_prompts(step, examples, stream=rounds))
-            more_totals = self.shape_rewards(list(more_scores.total), more)
-            flat, completions, totals = flat + more_flat, completions + more, totals + more_totals
-            keep += self.varied_groups(more_totals, g)
-            reward_s += more_scores.seconds
-            for name, values in more_scores.by_reward.items():
-                by_reward[name] += values
-                failed[name] += more_scores.failed[name]
-        chosen_groups = [i for i, k in enumerate(keep) if k][:wanted]
-        chosen = [i * g + k for i in chosen_groups for k in range(g)]
-        flat, completions, totals = [flat[i] for i in chosen], [completions[i] for i in chosen], [totals[i] for i in chosen]
-
+        sampled = self.sample_groups(step, examples)
+        flat, completions = sampled.flat, sampled.completions
         prompt_ids = [ex.prompt_ids for _, ex in flat]
         completion_ids = [c.token_ids for c in completions]
         lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.long)
@@ -237,39 +254,63 @@ class GRPOTask(OfflineTask):
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
         active = ~truncated if cfg.overlong_filter else torch.ones(len(completions), dtype=torch.bool)
         sampler_logps = torch.tensor([x for c in completions for x in c.sampler_logps], dtype=torch.float64)
-        partial = Rollouts(prompt_ids, completion_ids, active, torch.zeros(len(token_seq)), sampler_logps)
-
-        policy_logps = ref_logps = None
-        with _eval_mode(module):  # the log-probs of the sampling policy itself: no adapter dropout
-            if cfg.num_iterations > 1 or (cfg.kl_coef and cfg.kl_in == "reward"):
-                policy_logps = self.logps_of(partial, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
-            if cfg.kl_coef:
-                ref_logps = self.logps_of(partial, lambda batch: self.reference.run(module, self.reference_logps, batch))
-        penalty = kl_values = None
-        if cfg.kl_coef and cfg.kl_in == "reward":
-            kl_values = kl_estimate(policy_logps, ref_logps, cfg.kl_estimator)
-            penalty = -cfg.kl_coef * kl_values
-        rewards = torch.tensor(totals, dtype=torch.float64)
-        groups = torch.tensor([pos for pos, _ in flat], dtype=torch.long)
-        baseline_s = time.perf_counter()
-        baselines = self.greedy_baselines(flat) if "greedy_baseline" in ADVANTAGES[cfg.advantage].needs else None
-        reward_s += time.perf_counter() - baseline_s if baselines is not None else 0.0
-        mine = {"rewards": rewards, "groups": groups, "token_seq": token_seq, "lengths": lengths, "truncated": truncated,
-                "baselines": baselines,
-                "penalty": penalty if penalty is not None else torch.zeros(len(token_seq), dtype=torch.float64),
-                "kl": kl_values, "by_reward": by_reward, "failed": failed, "zero_std_groups": wanted - sum(varied), "group_count": wanted,
-                "trained_groups": len(chosen_groups), "rounds": rounds, "generated": self.backend.stats.tokens - gen_tokens_before,
-                "generate_s": self.backend.stats.seconds - gen_before, "reward_s": reward_s}
+        policy_logps, ref_logps = self.rollout_logps(Rollouts(prompt_ids, completion_ids, active, torch.zeros(len(token_seq)),
+                                                              sampler_logps), module)
+        kl_values = kl_estimate(policy_logps, ref_logps, cfg.kl_estimator) if cfg.kl_coef and cfg.kl_in == "reward" else None
+        baselines = None
+        if "greedy_baseline" in ADVANTAGES[cfg.advantage].needs:
+            baselines, seconds = self.greedy_baselines(flat)
+            sampled.reward_s += seconds
+        mine = {"rewards": torch.tensor(sampled.totals, dtype=torch.float64),
+                "groups": torch.tensor([pos for pos, _ in flat], dtype=torch.long),
+                "token_seq": token_seq, "lengths": lengths, "truncated": truncated, "baselines": baselines, "kl": kl_values,
+                "penalty": -cfg.kl_coef * kl_values if kl_values is not None else torch.zeros(len(token_seq), dtype=torch.float64),
+                "generated": self.backend.stats.tokens - gen_tokens_before, "generate_s": self.backend.stats.seconds - gen_before,
+                **sampled.counts()}
         every = self.gathered(mine)
         advantage = self.global_advantages(every)
-        rollouts = Rollouts(prompt_ids, completion_ids, active, advantage, sampler_logps,
-                            policy_logps if cfg.num_iterations > 1 else None,
-                            ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None)
         self.last_metrics = self.rollout_metrics(every)
-        return rollouts
+        return Rollouts(prompt_ids, completion_ids, active, advantage, sampler_logps,
+                        policy_logps if cfg.num_iterations > 1 else None,
+                        ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None)
 
-    def greedy_baselines(self, flat: list[tuple[int, PromptExample]]) -> torch.Tensor:
-        """ReMax's baseline: the (shaped) reward of each prompt's greedy completion, per completion [B]."""
+    def sample_groups(self, step: int, examples: list) -> "Sampled":
+        """This process's groups of the step, scored; with DAPO's dynamic sampling only groups whose rewards vary,
+        refilled from extra prompts (``resample``) up to ``rl.max_resample`` rounds."""
+        cfg, g = self.cfg, self.recipe.rollout.num_generations
+        sampled = Sampled()
+        keep: list[bool] = []
+        rounds = 0
+        while True:
+            flat, completions, scores = self.sample(step, self.my_prompts(step, examples, stream=rounds))
+            varied = sampled.add(flat, completions, scores, self.shape_rewards(list(scores.total), completions), g)
+            keep += varied if cfg.dynamic_sampling != "none" else [True] * len(varied)
+            for error in scores.errors[:3]:
+                self.say(f"reward error: {error}")
+            if rounds == 0:
+                sampled.group_count, sampled.zero_std_groups = len(varied), len(varied) - sum(varied)
+            if cfg.dynamic_sampling != "resample" or sum(keep) >= sampled.group_count or rounds >= cfg.max_resample:
+                break
+            rounds += 1
+        sampled.rounds = rounds
+        sampled.select([i for i, k in enumerate(keep) if k][: sampled.group_count], g)
+        return sampled
+
+    def rollout_logps(self, rollouts: Rollouts, module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sampling policy's log-probs (for ``num_iterations`` > 1 and the KL in the reward) and the reference's
+        (for any KL), computed without adapter dropout."""
+        cfg = self.cfg
+        policy_logps = ref_logps = None
+        with _eval_mode(module):
+            if cfg.num_iterations > 1 or (cfg.kl_coef and cfg.kl_in == "reward"):
+                policy_logps = self.logps_of(rollouts, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
+            if cfg.kl_coef:
+                ref_logps = self.logps_of(rollouts, lambda batch: self.reference.run(module, self.reference_logps, batch))
+        return policy_logps, ref_logps
+
+    def greedy_baselines(self, flat: list[tuple[int, PromptExample]]) -> tuple[torch.Tensor, float]:
+        """ReMax's baseline: the (shaped) reward of each prompt's greedy completion, per completion [B]; and the
+        seconds spent scoring (generation is counted by the backend)."""
         prompts = list({pos: ex for pos, ex in flat}.items())
         greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
         completions = self.backend.generate([ex.prompt_ids for _, ex in prompts], [0] * len(prompts), greedy)
@@ -277,7 +318,7 @@ class GRPOTask(OfflineTask):
         scores = self.runner.score([ex.prompt for _, ex in prompts], [c.text for c in completions], columns,
                                    [pos for pos, _ in prompts])
         by_position = dict(zip([pos for pos, _ in prompts], self.shape_rewards(list(scores.total), completions)))
-        return torch.tensor([by_position[pos] for pos, _ in flat], dtype=torch.float64)
+        return torch.tensor([by_position[pos] for pos, _ in flat], dtype=torch.float64), scores.seconds
 
     def shape_rewards(self, totals: list[float], completions: list) -> list[float]:
         """DAPO's soft overlong punishment (Yu et al., 2025, Eq. 13): 0 up to ``L_max - L_cache`` tokens, then
@@ -287,10 +328,6 @@ class GRPOTask(OfflineTask):
             return totals
         limit = self.settings.max_new_tokens
         return [r + self.cfg.overlong_penalty * min(0.0, (limit - buffer - len(c.token_ids)) / buffer) for r, c in zip(totals, completions)]
-
-    @staticmethod
-    def varied_groups(totals: list[float], g: int) -> list[bool]:
-        return [max(totals[i : i + g]) > min(totals[i : i + g]) for i in range(0, len(totals), g)]
 
     def gathered(self, mine: dict) -> list[dict]:
         """Every process's ``mine``, in rank order (a group is never split, but batch statistics are global)."""
