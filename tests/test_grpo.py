@@ -1,6 +1,7 @@
 """Online RL through the engine with the tiny model: invariance of every aggregation to accumulation and
 process count, KL placement, DAPO's filters, rollout state in checkpoints, evaluation, recipe errors."""
 
+import math
 import signal
 
 import pytest
@@ -303,3 +304,28 @@ def test_reward_workers_end_with_the_run(tiny_model_dir, tmp_path):
     before = {p.pid for p in multiprocessing.active_children()}
     run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "train.max_steps": 1, "rl.reward_workers": 2})
     assert {p.pid for p in multiprocessing.active_children()} <= before
+
+
+def test_sampler_correction_weighs_the_loss_by_the_capped_ratio(tiny_model_dir, tmp_path, monkeypatch):
+    """A sampler whose log-probs are all 1 nat below the trainer's: rho = e > cap 2, so truncated IS doubles every
+    token's loss at step 1 and masking drops every token; with a faithful sampler nothing changes."""
+    from posttrain.rollout.backend import TransformersBackend
+
+    common = {"train.batch_size": 8, "train.max_steps": 1, "peft.method": "lora"}
+    run_grpo(tiny_model_dir, tmp_path / "plain", **common)
+    run_grpo(tiny_model_dir, tmp_path / "faithful", **common, **{"rl.sampler_correction": "token_truncate"})
+    plain, faithful = metrics(tmp_path / "plain")[0], metrics(tmp_path / "faithful")[0]
+    # generate's float32 logits put rho within ~2e-7 of 1 (the mismatch metric), so the loss moves by about that
+    assert faithful["loss"] == pytest.approx(plain["loss"], abs=1e-6) and faithful["policy/sampler_corrected_fraction"] == 0
+
+    original = TransformersBackend._completion
+    monkeypatch.setattr(TransformersBackend, "_completion", lambda self, tokens, logps, settings: original(
+        self, tokens, [x - 1.0 for x in logps], settings))
+    run_grpo(tiny_model_dir, tmp_path / "truncated", **common, **{"rl.sampler_correction": "token_truncate"})
+    run_grpo(tiny_model_dir, tmp_path / "masked", **common, **{"rl.sampler_correction": "sequence_mask"})
+    truncated, masked = metrics(tmp_path / "truncated")[0], metrics(tmp_path / "masked")[0]
+    assert truncated["loss"] == pytest.approx(2 * plain["loss"], abs=1e-12)
+    assert truncated["policy/sampler_corrected_fraction"] == 1.0
+    assert truncated["policy/sampler_mismatch"] == pytest.approx(1.0, abs=1e-6)
+    assert truncated["policy/sampler_kl"] == pytest.approx(math.e - 2, abs=1e-6)  # k3 at log r = 1
+    assert masked["loss"] == 0.0 and masked["grad_norm"] == 0.0

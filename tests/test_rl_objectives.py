@@ -250,3 +250,40 @@ def test_aggregation_split_into_micro_batches_sums_to_the_whole(mode):
         total += float((loss[mask] * weights).sum())
         normalizer += units
     assert total / normalizer == pytest.approx(float(aggregate(loss, token_seq, mode, 16)), abs=1e-12)
+
+
+# -- sampler / trainer mismatch ------------------------------------------------------------------------
+def test_sampler_correction_by_hand():
+    from posttrain.objectives.policy import sampler_correction
+
+    token_seq = torch.tensor([0, 0, 1])
+    old = torch.log(torch.tensor([0.3, 0.5, 0.1], dtype=torch.float64))
+    sampler = torch.log(torch.tensor([0.1, 0.5, 0.4], dtype=torch.float64))  # token ratios 3, 1, 0.25
+    weights, capped = sampler_correction(old, sampler, token_seq, "token_truncate", cap=2.0)
+    assert weights.tolist() == pytest.approx([2.0, 1.0, 0.25]) and capped.tolist() == [True, False, False]
+    weights, masked = sampler_correction(old, sampler, token_seq, "token_mask", cap=2.0)
+    assert weights.tolist() == [0.0, 1.0, 0.0] and masked.tolist() == [True, False, True]
+    weights, _ = sampler_correction(old, sampler, token_seq, "sequence_truncate", cap=4.0)  # products 3 and 0.25
+    assert weights.tolist() == pytest.approx([3.0, 3.0, 0.25])
+    weights, _ = sampler_correction(old, sampler, token_seq, "sequence_mask", cap=3.5)
+    assert weights.tolist() == [1.0, 1.0, 0.0]
+    weights, _ = sampler_correction(old, sampler, token_seq, "none")
+    assert weights.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_truncated_importance_weights_make_the_gradient_unbiased_under_a_mismatched_sampler():
+    """Tokens drawn from q while the loss is written for p: E_q[rho * grad log p * A] = E_p[grad log p * A] when
+    the cap is never reached (here rho <= 1.5 < cap)."""
+    from posttrain.objectives.policy import sampler_correction
+
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64)
+    advantage = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    samples = torch.multinomial(q, 400_000, replacement=True, generator=generator)
+    logits = p.log().clone().requires_grad_()
+    logps = logits.log_softmax(0)[samples]
+    weights, _ = sampler_correction(logps.detach(), q.log()[samples], torch.arange(len(samples)), "token_truncate", 2.0)
+    (weights * advantage[samples] * logps).mean().backward()
+    target = p * (advantage - (p * advantage).sum())  # d/dz E_p[A log softmax(z)] = p (A - E_p A)
+    assert logits.grad.tolist() == pytest.approx(target.tolist(), abs=5e-3)

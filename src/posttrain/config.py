@@ -291,6 +291,10 @@ class RLConfig(Section):
     kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference (0: no reference pass at all)")
     kl_estimator: Literal["k1", "k2", "k3", "none"] = Field("k3", description="per-token KL estimator (none: no KL term)")
     kl_in: Literal["loss", "reward"] = Field("loss", description="add the KL to the loss, or subtract it from the reward")
+    sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "none", description="importance correction for sampler / trainer log-prob mismatch: truncate (TIS) or mask the "
+        "ratio pi_trainer / pi_sampler per token or per completion")
+    sampler_correction_cap: float = Field(2.0, gt=1, description="the ratio's cap (truncate) or [1/cap, cap] range (mask)")
     num_iterations: int = Field(1, gt=0, description="optimizer steps per rollout batch (>1 reuses it with old log-probs)")
     dynamic_sampling: Literal["none", "drop", "resample"] = Field(
         "none", description="DAPO: drop groups whose rewards all agree (resample: and sample more prompts to refill)")

@@ -89,6 +89,32 @@ def reinforce(logps, old_logps, advantages, token_seq) -> PolicyLossOutput:
     return PolicyLossOutput(-advantages * logps, never, never)
 
 
+# -- sampler / trainer mismatch -------------------------------------------------------------------
+CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampler_correction(old_logps: torch.Tensor, sampler_logps: torch.Tensor, token_seq: torch.Tensor, mode: str,
+                       cap: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights for tokens drawn by a sampler whose log-probs differ from the trainer's (another engine,
+    another precision): ``rho = pi_trainer_old / pi_sampler`` per token, or its product over a completion at the
+    sequence level. ``*_truncate`` multiplies the loss by ``min(rho, cap)`` (truncated importance sampling, Yao et
+    al., 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; verl's cap 2.0);
+    ``*_mask`` drops what lies outside ``[1 / cap, cap]``. Returns the detached per-token weights and which tokens
+    were capped or masked."""
+    if mode == "none":
+        return torch.ones_like(old_logps), torch.zeros_like(old_logps, dtype=torch.bool)
+    log_rho = (old_logps - sampler_logps).detach()
+    level, action = mode.split("_")
+    if level == "sequence":
+        num = int(token_seq.max()) + 1 if token_seq.numel() else 0
+        log_rho = torch.zeros(num, dtype=log_rho.dtype, device=log_rho.device).index_add(0, token_seq, log_rho)[token_seq]
+    rho = log_rho.clamp(-20.0, 20.0).exp()
+    if action == "truncate":
+        return rho.clamp(max=cap), rho > cap
+    outside = (rho > cap) | (rho < 1.0 / cap)
+    return (~outside).to(rho.dtype), outside
+
+
 # -- KL to the reference --------------------------------------------------------------------------
 def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, 2020, "Approximating KL divergence"),

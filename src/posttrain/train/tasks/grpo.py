@@ -27,7 +27,7 @@ from posttrain.data.tokenize import ChatFormatter, TokenizedExample
 from posttrain.errors import UserError
 from posttrain.evaluate.accuracy import wilson_interval
 from posttrain.objectives.advantages import ADVANTAGES, advantages
-from posttrain.objectives.policy import POLICY_LOSSES, aggregation_weights, kl_estimate
+from posttrain.objectives.policy import POLICY_LOSSES, aggregation_weights, kl_estimate, sampler_correction
 from posttrain.rollout.backend import SamplingSettings, TransformersBackend, sample_seed
 from posttrain.train.forward import TargetLogprobs
 from posttrain.train.reference import Reference
@@ -430,7 +430,10 @@ class GRPOTask(OfflineTask):
         old = rl.old_logps.to(logps.dtype) if rl.old_logps is not None else logps.detach()
         spec = POLICY_LOSSES[cfg.policy_loss]
         out = spec.fn(logps, old, rl.advantages.to(logps.dtype), rl.batch.target_example, **spec.options(None, cfg.hyperparameters()))
-        per_token = out.loss
+        sampler = rl.sampler_logps.to(logps.dtype)
+        correction, corrected = sampler_correction(old, sampler, rl.batch.target_example, cfg.sampler_correction,
+                                                   cfg.sampler_correction_cap)
+        per_token = out.loss * correction
         weights = rl.weights.to(logps.dtype)
         trained = weights > 0
         count = float(trained.sum())
@@ -439,8 +442,11 @@ class GRPOTask(OfflineTask):
             "policy/clip_high_fraction": (float(out.clipped_high[trained].sum()), count),
             "policy/entropy": (float(entropy[trained].sum()), count),
             "policy/approx_kl_old": (float((0.5 * (logps.detach() - old) ** 2)[trained].sum()), count),
-            "policy/sampler_mismatch": (float((logps.detach() - rl.sampler_logps.to(logps.dtype)).abs()[trained].sum()), count),
+            "policy/sampler_mismatch": (float((old - sampler).abs()[trained].sum()), count),
+            "policy/sampler_kl": (float(kl_estimate(sampler, old, "k3")[trained].sum()), count),
         }
+        if cfg.sampler_correction != "none":
+            metrics["policy/sampler_corrected_fraction"] = (float(corrected[trained].sum()), count)
         if rl.ref_logps is not None:
             kl = kl_estimate(logps, rl.ref_logps.to(logps.dtype), cfg.kl_estimator)
             per_token = per_token + cfg.kl_coef * kl
