@@ -14,7 +14,9 @@ from test_engine import write_recipe
 def single_and_two_processes(command, model_dir, tmp_path, common, accum_two, port):
     """Run ``command`` in one process with accumulation 2k and under torchrun with 2 processes and k."""
     single, double = tmp_path / "single", tmp_path / "ddp"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    tests = os.path.dirname(os.path.abspath(__file__))  # reward functions defined in the tests import by name
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     one = subprocess.run([sys.executable, "-m", "posttrain.cli", command,
                           str(write_recipe(tmp_path, model_dir, single, {**common, "train.grad_accum": 2 * accum_two}))],
                          capture_output=True, text=True, env=env)
@@ -65,5 +67,21 @@ def test_grpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path, mode
     single, double = single_and_two_processes("grpo", tiny_model_dir, tmp_path, common, accum_two=1, port=port)
     for a, b in zip(metrics(single), metrics(double)):
         for key in ("loss", "grad_norm", "reward/mean", "advantage/std", "policy/kl_ref"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    assert_weights_close(final_weights(single), final_weights(double), atol=1e-9)
+
+
+def test_a_process_whose_groups_are_all_dropped_still_joins_the_update(tiny_model_dir, tmp_path):
+    """Dynamic sampling drops process 1's only group (constant reward) while process 0 trains on its own: process 1
+    runs a zero-weight backward pass so that the gradient reduction completes, and the run equals one process
+    with both prompts (which drops the same group)."""
+    from test_grpo import RL
+
+    common = {**RL, "train.batch_size": 4, "peft.method": "lora", "rl.dynamic_sampling": "drop",
+              "rewards": "[{name: 'test_grpo:only_prompt_zero_varies'}]"}
+    single, double = single_and_two_processes("grpo", tiny_model_dir, tmp_path, common, accum_two=1, port=29525)
+    for a, b in zip(metrics(single), metrics(double)):
+        assert a["groups/trained"] == b["groups/trained"] == 1.0
+        for key in ("loss", "grad_norm", "reward/mean"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
     assert_weights_close(final_weights(single), final_weights(double), atol=1e-9)

@@ -171,6 +171,7 @@ def test_evaluation_reports_accuracy_with_an_interval(tiny_model_dir, tmp_path):
     evaluated = metrics(tmp_path, "eval.jsonl")[-1]
     assert evaluated["eval/n"] == 6 and 0.0 <= evaluated["eval/accuracy_ci_low"] <= evaluated["eval/accuracy"]
     assert evaluated["eval/accuracy_ci_high"] > 0.3  # 6 problems: the interval is wide, as it should be
+    assert evaluated["eval/math_answer/accuracy"] == evaluated["eval/accuracy"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -282,6 +283,7 @@ def test_gsm8k_recipe_runs_with_tiny_settings(tiny_model_dir, tmp_path):
     logged = metrics(tmp_path)[0]
     assert logged["reward/math_answer/failed"] == 0 and logged["reward/format/failed"] == 0
     assert summary["eval"][-1]["eval/n"] == 4
+    assert "eval/math_answer/accuracy_ci_high" in summary["eval"][-1]  # each verifier gets its own accuracy
 
 
 def test_remax_trains_against_the_greedy_baseline(tiny_model_dir, tmp_path):
@@ -329,3 +331,20 @@ def test_sampler_correction_weighs_the_loss_by_the_capped_ratio(tiny_model_dir, 
     assert truncated["policy/sampler_mismatch"] == pytest.approx(1.0, abs=1e-6)
     assert truncated["policy/sampler_kl"] == pytest.approx(math.e - 2, abs=1e-6)  # k3 at log r = 1
     assert masked["loss"] == 0.0 and masked["grad_norm"] == 0.0
+
+
+def half_credit(prompts, completions, **_):
+    return [0.5] * len(completions)
+
+
+def test_evaluation_reports_each_verifier_when_the_sum_is_no_accuracy(tiny_model_dir, tmp_path):
+    from conftest import GSM8K
+
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "train.max_steps": 1, "data.eval": str(GSM8K),
+                                          "data.eval_limit": 4,
+                                          "rewards": "[{name: math_answer}, {name: 'test_grpo:half_credit'}]"})
+    evaluated = metrics(tmp_path, "eval.jsonl")[-1]
+    assert "eval/accuracy" not in evaluated and "eval/test_grpo:half_credit/accuracy" not in evaluated
+    assert evaluated["eval/test_grpo:half_credit/reward"] == 0.5
+    assert evaluated["eval/reward"] == pytest.approx(evaluated["eval/math_answer/reward"] + 0.5)
+    assert evaluated["eval/math_answer/accuracy_ci_high"] > 0.4

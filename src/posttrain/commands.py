@@ -34,5 +34,5 @@ COMMANDS: dict[str, Command] = {
     "rank": Command(RankRecipe, "posttrain.train.tasks.ranking:RankingTask",
                     "ranking / listwise alignment over several scored responses: AFT, RRHF, PRO, ListNet"),
     "grpo": Command(GRPORecipe, "posttrain.train.tasks.grpo:GRPOTask",
-                    "online RL from rewards: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++ (chosen by rl.*)"),
+                    "online RL from rewards: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++, ReMax (chosen by rl.*)"),
 }

@@ -46,8 +46,7 @@ class Engine:
         if len(train_examples) < self.examples_per_step:
             raise UserError(
                 f"data.train has {len(train_examples)} examples but one optimizer step needs "
-                f"{self.examples_per_step} (train.batch_size x train.grad_accum x processes"
-                f"{' / rollout.num_generations' if task.name == 'grpo' else ''})"
+                f"{self.examples_per_step} ({task.step_size_formula})"
             )
         self.steps_per_epoch = len(train_examples) // self.examples_per_step
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))

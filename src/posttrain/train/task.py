@@ -34,6 +34,8 @@ class Task(Protocol):
     def examples_per_step(self) -> int:
         """Training examples (prompts, for RL) one optimizer step consumes, all processes together."""
 
+    step_size_formula: str  # how examples_per_step follows from the recipe, for error messages
+
     def step_batches(self, step: int, examples: list, module) -> list:
         """This process's micro-batches of optimizer step ``step`` (a function of the step, never of history)."""
 
@@ -70,6 +72,7 @@ class OfflineTask:
     accelerator = None
     empty_steps_allowed = False
     progress: dict[str, str] = {}
+    step_size_formula = "train.batch_size x train.grad_accum x processes"
 
     def module(self, model) -> torch.nn.Module:
         from posttrain.train.forward import TargetLogprobs
@@ -97,6 +100,10 @@ class OfflineTask:
         train = self.recipe.train
         return train.batch_size * train.grad_accum * self.processes()[0]
 
+    @property
+    def device(self):
+        return self.accelerator.device if self.accelerator is not None else "cpu"
+
     def processes(self) -> tuple[int, int]:
         """(process count, this process's rank)."""
         acc = self.accelerator
@@ -106,8 +113,7 @@ class OfflineTask:
         world, rank = self.processes()
         size, per_rank = self.recipe.train.batch_size, self.recipe.train.batch_size * self.recipe.train.grad_accum
         mine = self.step_indices(step, len(examples))[rank * per_rank : (rank + 1) * per_rank]
-        device = self.accelerator.device if self.accelerator is not None else "cpu"
-        return [self.collate_train([examples[i] for i in mine[j : j + size]], step).to(device)
+        return [self.collate_train([examples[i] for i in mine[j : j + size]], step).to(self.device)
                 for j in range(0, per_rank, size)]
 
     def collate_train(self, examples: list, step: int):
@@ -131,11 +137,10 @@ class OfflineTask:
         size = self.recipe.train.batch_size
         chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
         mine = chunks[rank::world]
-        device = self.accelerator.device if self.accelerator is not None else "cpu"
         sums: dict[str, float] = {}
         main = self.accelerator is None or self.accelerator.is_main_process
         for chunk in tqdm(mine, desc="eval", leave=False, disable=not main or len(mine) < 4):
-            for key, value in self.eval_sums(module, self.collate(chunk).to(device)).items():
+            for key, value in self.eval_sums(module, self.collate(chunk).to(self.device)).items():
                 sums[key] = sums.get(key, 0.0) + value
         return self.eval_metrics(sum_over_processes(sums, self.accelerator))
 

@@ -110,6 +110,7 @@ class Sampled:
     zero_std_groups: int = 0  # of the first round
     rounds: int = 0
     trained_groups: int = 0
+    spare: tuple | None = None  # (flat, completions) of one dropped group, when every group was dropped
 
     def add(self, flat: list, completions: list, scores, totals: list[float], g: int) -> list[bool]:
         """Append a sampling round; whether each of its groups has rewards that vary."""
@@ -123,6 +124,8 @@ class Sampled:
         return [max(totals[i : i + g]) > min(totals[i : i + g]) for i in range(0, len(totals), g)]
 
     def select(self, groups: list[int], g: int) -> None:
+        if not groups and self.flat:
+            self.spare = (self.flat[:g], self.completions[:g])
         chosen = [i * g + k for i in groups for k in range(g)]
         self.flat, self.completions = [self.flat[i] for i in chosen], [self.completions[i] for i in chosen]
         self.totals = [self.totals[i] for i in chosen]
@@ -138,6 +141,7 @@ class GRPOTask(OfflineTask):
     name = "grpo"
     empty_steps_allowed = True  # dynamic sampling may drop every group of a step
     progress = {"reward": "reward/mean", "len": "completion/length_mean"}
+    step_size_formula = "train.batch_size x train.grad_accum x processes / rollout.num_generations"
 
     def __init__(self, recipe, tokenizer):
         self.recipe, self.tokenizer, self.cfg = recipe, tokenizer, recipe.rl
@@ -215,9 +219,8 @@ class GRPOTask(OfflineTask):
     def step_batches(self, step: int, examples: list, module) -> list:
         if self.cfg.num_iterations == 1 or step % self.cfg.num_iterations == 0 or self.buffer is None:
             self.buffer = self.collect(step, examples, module)
-        device = self.accelerator.device if self.accelerator is not None else "cpu"
         rollouts, size = self.buffer, self.recipe.train.batch_size
-        return [self.micro_batch(rollouts, range(lo, min(lo + size, len(rollouts.completion_ids)))).to(device)
+        return [self.micro_batch(rollouts, range(lo, min(lo + size, len(rollouts.completion_ids)))).to(self.device)
                 for lo in range(0, len(rollouts.completion_ids), size)]
 
     def my_prompts(self, step: int, examples: list, stream: int = 0) -> list[tuple[int, PromptExample]]:
@@ -235,10 +238,12 @@ class GRPOTask(OfflineTask):
         flat = [(pos, ex) for pos, ex in prompts for _ in range(g)]
         seeds = [sample_seed(seed, step, pos, k % g) for k, (pos, _) in enumerate(flat)]
         completions = self.backend.generate([ex.prompt_ids for _, ex in flat], seeds, self.settings)
-        columns = {key: [ex.columns.get(key) for _, ex in flat] for key in {k for _, ex in prompts for k in ex.columns}}
-        scores = self.runner.score([ex.prompt for _, ex in flat], [c.text for c in completions], columns,
-                                   [pos for pos, _ in flat])
-        return flat, completions, scores
+        return flat, completions, self.score([ex for _, ex in flat], completions, [pos for pos, _ in flat])
+
+    def score(self, prompts: list[PromptExample], completions: list, groups: list[int]):
+        """The reward functions on ``completions`` of ``prompts``, with the records' other fields by name."""
+        columns = {key: [ex.columns.get(key) for ex in prompts] for key in {k for ex in prompts for k in ex.columns}}
+        return self.runner.score([ex.prompt for ex in prompts], [c.text for c in completions], columns, groups)
 
     @torch.no_grad()
     def collect(self, step: int, examples: list, module) -> Rollouts:
@@ -270,9 +275,21 @@ class GRPOTask(OfflineTask):
         every = self.gathered(mine)
         advantage = self.global_advantages(every)
         self.last_metrics = self.rollout_metrics(every)
+        if not completions and sampled.spare is not None and self.processes()[0] > 1:
+            return self.placeholder(*sampled.spare)
         return Rollouts(prompt_ids, completion_ids, active, advantage, sampler_logps,
                         policy_logps if cfg.num_iterations > 1 else None,
                         ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None)
+
+    @staticmethod
+    def placeholder(flat: list, completions: list) -> Rollouts:
+        """A dropped group trained with weight 0, for a process whose every group was dropped while others train:
+        each process must run a backward pass for the gradients to be reduced across processes. It takes no
+        part in the advantages or metrics."""
+        sampler_logps = torch.tensor([x for c in completions for x in c.sampler_logps], dtype=torch.float64)
+        return Rollouts([ex.prompt_ids for _, ex in flat], [c.token_ids for c in completions],
+                        torch.zeros(len(completions), dtype=torch.bool), torch.zeros(len(sampler_logps), dtype=torch.float64),
+                        sampler_logps)
 
     def sample_groups(self, step: int, examples: list) -> "Sampled":
         """This process's groups of the step, scored; with DAPO's dynamic sampling only groups whose rewards vary,
@@ -314,9 +331,7 @@ class GRPOTask(OfflineTask):
         prompts = list({pos: ex for pos, ex in flat}.items())
         greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
         completions = self.backend.generate([ex.prompt_ids for _, ex in prompts], [0] * len(prompts), greedy)
-        columns = {key: [ex.columns.get(key) for _, ex in prompts] for key in {k for _, ex in prompts for k in ex.columns}}
-        scores = self.runner.score([ex.prompt for _, ex in prompts], [c.text for c in completions], columns,
-                                   [pos for pos, _ in prompts])
+        scores = self.score([ex for _, ex in prompts], completions, [pos for pos, _ in prompts])
         by_position = dict(zip([pos for pos, _ in prompts], self.shape_rewards(list(scores.total), completions)))
         return torch.tensor([by_position[pos] for pos, _ in flat], dtype=torch.float64), scores.seconds
 
@@ -388,11 +403,10 @@ class GRPOTask(OfflineTask):
 
     def logps_of(self, rollouts: Rollouts, compute) -> torch.Tensor:
         """Per-token values of ``compute(batch)`` over the rollouts, in rollout order (micro-batch by micro-batch)."""
-        device = self.accelerator.device if self.accelerator is not None else "cpu"
         size, out = self.recipe.train.batch_size, []
         for lo in range(0, len(rollouts.completion_ids), size):
             micro = self.micro_batch(rollouts, range(lo, min(lo + size, len(rollouts.completion_ids))))
-            values = compute(micro.batch.to(device)).double().cpu()
+            values = compute(micro.batch.to(self.device)).double().cpu()
             out.append(torch.empty_like(values).index_put_((micro.extra["order"],), values))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
@@ -459,25 +473,31 @@ class GRPOTask(OfflineTask):
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, module, examples: list) -> dict[str, float]:
-        """Greedy completions of the held-out prompts, scored by the reward functions: mean reward, and where
-        every score is 0 or 1 (a verifier), accuracy with its 95% Wilson interval."""
+        """Greedy completions of the held-out prompts, scored by the reward functions: the mean summed reward
+        (``eval/reward``) and each function's (``eval/<name>/reward``); where every score is 0 or 1 (a verifier),
+        also the accuracy with its 95% Wilson interval (``eval/accuracy``, ``eval/<name>/accuracy``)."""
         from posttrain.train.task import sum_over_processes
 
         world, rank = self.processes()
         mine = examples[rank::world]
         greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
         completions = self.backend.generate([e.prompt_ids for e in mine], [0] * len(mine), greedy) if mine else []
-        columns = {key: [e.columns.get(key) for e in mine] for key in {k for e in mine for k in e.columns}}
-        scores = self.runner.score([e.prompt for e in mine], [c.text for c in completions], columns, list(range(len(mine))))
-        binary = all(v in (0.0, 1.0) for v in scores.total)
-        sums = sum_over_processes({"n": float(len(mine)), "reward": float(sum(scores.total)),
-                                   "correct": float(sum(scores.total)) if binary else 0.0, "non_binary": float(not binary),
-                                   "length": float(sum(len(c.token_ids) for c in completions))}, self.accelerator)
+        scores = self.score(mine, completions, list(range(len(mine))))
+        # the summed reward, and each reward function on its own (a failed score counts 0)
+        parts = {"": scores.total, **{f"{name}/": [v or 0.0 for v in values] for name, values in scores.by_reward.items()}}
+        local = {"n": float(len(mine)), "length": float(sum(len(c.token_ids) for c in completions))}
+        for prefix, values in parts.items():
+            local[f"{prefix}reward"] = float(sum(values))
+            local[f"{prefix}non_binary"] = float(not all(v in (0.0, 1.0) for v in values))
+        sums = sum_over_processes(local, self.accelerator)
         n = max(sums["n"], 1.0)
-        out = {"eval/reward": sums["reward"] / n, "eval/completion_length": sums["length"] / n, "eval/n": sums["n"]}
-        if not sums["non_binary"]:
-            low, high = wilson_interval(int(sums["correct"]), int(sums["n"]))
-            out.update({"eval/accuracy": sums["correct"] / n, "eval/accuracy_ci_low": low, "eval/accuracy_ci_high": high})
+        out = {"eval/completion_length": sums["length"] / n, "eval/n": sums["n"]}
+        for prefix in parts:
+            out[f"eval/{prefix}reward"] = sums[f"{prefix}reward"] / n
+            if not sums[f"{prefix}non_binary"]:  # a verifier: an accuracy, with its interval
+                low, high = wilson_interval(int(sums[f"{prefix}reward"]), int(sums["n"]))
+                out.update({f"eval/{prefix}accuracy": sums[f"{prefix}reward"] / n, f"eval/{prefix}accuracy_ci_low": low,
+                            f"eval/{prefix}accuracy_ci_high": high})
         return out
 
     # -- state ----------------------------------------------------------------------------------
