@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, RankRecipe, Recipe, SFTRecipe
+from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, PPORecipe, RankRecipe, Recipe, SFTRecipe
 
 
 @dataclass(frozen=True)
@@ -35,4 +35,6 @@ COMMANDS: dict[str, Command] = {
                     "ranking / listwise alignment over several scored responses: AFT, RRHF, PRO, ListNet"),
     "grpo": Command(GRPORecipe, "posttrain.train.tasks.grpo:GRPOTask",
                     "online RL from rewards: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++, ReMax (chosen by rl.*)"),
+    "ppo": Command(PPORecipe, "posttrain.train.tasks.ppo:PPOTask",
+                   "PPO with a value model: GAE, clipped value loss, KL penalty in the reward, epochs x mini-batches"),
 }

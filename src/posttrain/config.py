@@ -272,16 +272,32 @@ class RolloutConfig(Section):
 
 
 class RewardSpec(Section):
-    name: str = Field(description="a registered reward (math_answer, format, length, majority_vote, code_tests) or module:function")
+    name: str | None = Field(None, description="a registered reward (math_answer, format, length, majority_vote, "
+                             "code_tests) or module:function; with model: the name its scores are logged under")
+    model: str | None = Field(None, description="a reward model instead: a sequence-classification model directory "
+                              "(one score per completion, e.g. trained by posttrain rm)")
     weight: float = Field(1.0, description="weight in the summed reward")
-    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reward function")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reward function "
+                                    "(reward models: batch_size)")
+
+    @model_validator(mode="after")
+    def _function_or_model(self) -> "RewardSpec":
+        if self.name is None and self.model is None:
+            raise ValueError("a reward needs name (a reward function) or model (a reward model)")
+        if self.model is not None and set(self.options) - {"batch_size"}:
+            raise ValueError(f"reward model options: only batch_size (got {', '.join(sorted(self.options))})")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name the reward's scores are logged under."""
+        return self.name or Path(self.model.rstrip("/")).name
 
 
-class RLConfig(Section):
+class PolicyConfig(Section):
+    """What every policy-gradient command shares: the policy loss, its aggregation, the KL, corrections, scoring."""
+
     family: ClassVar[str] = "rl"
-    advantage: str = Field("grpo", description="advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | remax")
-    scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description="grpo: divide by the group's std "
-                                                                    "(paper), the batch's, or not at all")
     policy_loss: str = Field("ppo_clip", description="ppo_clip | gspo | cispo | reinforce")
     epsilon_low: float | None = Field(None, ge=0, description="lower clip range of the importance ratio; unset: the loss's default")
     epsilon_high: float | None = Field(None, ge=0, description="upper clip range (DAPO clip-higher: 0.28); unset: the loss's default")
@@ -295,10 +311,6 @@ class RLConfig(Section):
         "none", description="importance correction for sampler / trainer log-prob mismatch: truncate (TIS) or mask the "
         "ratio pi_trainer / pi_sampler per token or per completion")
     sampler_correction_cap: float = Field(2.0, gt=1, description="the ratio's cap (truncate) or [1/cap, cap] range (mask)")
-    num_iterations: int = Field(1, gt=0, description="optimizer steps per rollout batch (>1 reuses it with old log-probs)")
-    dynamic_sampling: Literal["none", "drop", "resample"] = Field(
-        "none", description="DAPO: drop groups whose rewards all agree (resample: and sample more prompts to refill)")
-    max_resample: int = Field(4, ge=0, description="resample: extra sampling rounds per step at most")
     overlong_filter: bool = Field(False, description="DAPO: truncated completions get no loss")
     overlong_buffer: int | None = Field(None, gt=0, description="DAPO soft overlong punishment: length of the penalty "
                                         "zone before max_new_tokens")
@@ -306,8 +318,46 @@ class RLConfig(Section):
     reward_workers: int = Field(2, ge=0, description="processes that score completions (0: in the training process, no timeouts)")
     reward_timeout: float = Field(120.0, gt=0, description="seconds per scoring call before its workers are killed")
 
+    hyperparameter_names: ClassVar[tuple[str, ...]] = ("epsilon_low", "epsilon_high", "dual_clip")
+
     def hyperparameters(self) -> dict:
-        return {k: v for k in ("scale_rewards", "epsilon_low", "epsilon_high", "dual_clip") if (v := getattr(self, k)) is not None}
+        """The settings passed to the registered advantage and policy-loss functions (unset: their defaults)."""
+        return {k: v for k in self.hyperparameter_names if (v := getattr(self, k)) is not None}
+
+
+class RLConfig(PolicyConfig):
+    """GRPO and its relatives: advantages from groups of completions of one prompt, no value model."""
+
+    advantage: str = Field("grpo", description="advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | remax")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description="grpo: divide by the group's std "
+                                                                    "(paper), the batch's, or not at all")
+    num_iterations: int = Field(1, gt=0, description="optimizer steps per rollout batch (>1 reuses it with old log-probs)")
+    dynamic_sampling: Literal["none", "drop", "resample"] = Field(
+        "none", description="DAPO: drop groups whose rewards all agree (resample: and sample more prompts to refill)")
+    max_resample: int = Field(4, ge=0, description="resample: extra sampling rounds per step at most")
+
+    hyperparameter_names: ClassVar[tuple[str, ...]] = ("scale_rewards", "epsilon_low", "epsilon_high", "dual_clip")
+
+
+class PPOConfig(PolicyConfig):
+    """PPO with a learned value model (Schulman et al., 2017; Ouyang et al., 2022): per-token advantages by GAE.
+    Defaults follow TRL's PPOTrainer: k1 KL penalty in the reward at 0.05, gamma 1, lam 0.95, value clip 0.2."""
+
+    kl_coef: float = Field(0.05, ge=0, description="weight of the per-token KL penalty to the reference (0: no reference pass)")
+    kl_estimator: Literal["k1", "k2", "k3", "none"] = Field("k1", description="per-token KL estimator (none: no KL term)")
+    kl_in: Literal["loss", "reward"] = Field("reward", description="subtract the KL from the per-token reward (PPO), or add it to the loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount per token")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 is the Monte-Carlo return, 0 one-step TD")
+    value_clip: float | None = Field(0.2, gt=0, description="clip each value's move per rollout batch (null: plain squared error)")
+    vf_coef: float = Field(0.1, gt=0, description="weight of the value loss in the summed loss")
+    whiten_advantages: bool = Field(True, description="normalize the advantages to mean 0, std 1 over the rollout batch")
+    ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
+    num_mini_batches: int = Field(1, gt=0, description="optimizer steps per pass: the rollout batch is "
+                                  "num_mini_batches x train.batch_size x train.grad_accum completions per process")
+    critic: Literal["shared", "separate"] = Field("shared", description="shared: a value head on the policy's trunk "
+                                                 "(and its adapter); separate: a critic model of its own with its own adapter")
+    critic_model: str | None = Field(None, description="separate critic: start from this model (e.g. a reward model "
+                                     "directory, whose score head starts the value head) instead of the policy's weights")
 
 
 class GRPORecipe(Recipe):
@@ -315,7 +365,7 @@ class GRPORecipe(Recipe):
 
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="math_answer")],
-                                      description="reward functions, summed with their weights")
+                                      description="reward functions and reward models, summed with their weights")
     rl: RLConfig = Field(default_factory=RLConfig)
     reference: Literal["auto", "policy_copy", "adapter_disabled"] = Field(
         "auto", description="the KL reference (used when rl.kl_coef > 0): auto = adapter disabled with PEFT, else a frozen copy")
@@ -333,6 +383,24 @@ class GRPORecipe(Recipe):
             raise ValueError(f"rl.kl_estimator: none means no KL term, but rl.kl_coef is {self.rl.kl_coef}: set one of them")
         if self.rl.overlong_buffer is not None and self.rl.overlong_buffer >= self.rollout.max_new_tokens:
             raise ValueError("rl.overlong_buffer must be shorter than rollout.max_new_tokens")
+        return self
+
+
+class PPORolloutConfig(RolloutConfig):
+    num_generations: int = Field(1, ge=1, description="completions sampled per prompt (the critic is the baseline: 1 is enough)")
+
+
+class PPORecipe(GRPORecipe):
+    """PPO with a value model: train.batch_size counts completions; a rollout batch feeds rl.ppo_epochs x
+    rl.num_mini_batches optimizer steps."""
+
+    rollout: PPORolloutConfig = Field(default_factory=PPORolloutConfig)
+    rl: PPOConfig = Field(default_factory=PPOConfig)
+
+    @model_validator(mode="after")
+    def _critic_source(self) -> "PPORecipe":
+        if self.rl.critic_model is not None and self.rl.critic != "separate":
+            raise ValueError("rl.critic_model starts a separate critic: set rl.critic: separate")
         return self
 
 

@@ -47,7 +47,11 @@ def _score(name: str, options: dict, prompts: list, completions: list, columns: 
 
 
 class RewardRunner:
-    def __init__(self, specs: list[tuple[str, float, dict]], workers: int = 2, timeout: float = 120.0):
+    """Reward functions in worker processes, plus reward models (``models``: (label, weight, scorer)) in this one,
+    on its device."""
+
+    def __init__(self, specs: list[tuple[str, float, dict]], workers: int = 2, timeout: float = 120.0,
+                 models: list[tuple[str, float, object]] = ()):
         for name, _, options in specs:
             try:
                 preflight = getattr(resolve_reward(name), "preflight", None)  # a reward's own check of its set-up
@@ -55,7 +59,7 @@ class RewardRunner:
                     preflight(**options)
             except (ValueError, RuntimeError) as exc:
                 raise UserError(f"rewards: {exc}") from None
-        self.specs, self.workers, self.timeout = specs, workers, timeout
+        self.specs, self.workers, self.timeout, self.models = specs, workers, timeout, list(models)
         self.pool = None
 
     def _pool(self):
@@ -82,7 +86,10 @@ class RewardRunner:
             return _Done(_score(*job))
         return self._pool().apply_async(_score, job)
 
-    def score(self, prompts: list, completions: list[str], columns: dict[str, list], group: list[int]) -> Scores:
+    def score(self, prompts: list, completions: list[str], columns: dict[str, list], group: list[int],
+              conversations: list | None = None) -> Scores:
+        """``prompts`` as reward functions see them; ``conversations`` as reward models do (chat messages or raw
+        text, default ``prompts``)."""
         start = time.perf_counter()
         columns = {**columns, "group": group}
         chunks = _group_chunks(group, max(self.workers, 1))
@@ -107,7 +114,12 @@ class RewardRunner:
                     values[lo:hi] = part
             by_reward[name] = values
             failed[name] = sum(v is None for v in values)
-        total = [sum(w * (by_reward[n][i] or 0.0) for n, w, _ in self.specs) for i in range(len(completions))]
+        for label, _, scorer in self.models:
+            values = scorer(conversations if conversations is not None else prompts, completions) if completions else []
+            by_reward[label] = [None if math.isnan(v) else v for v in values]
+            failed[label] = sum(v is None for v in by_reward[label])
+        weighted = [(n, w) for n, w, _ in self.specs] + [(label, w) for label, w, _ in self.models]
+        total = [sum(w * (by_reward[n][i] or 0.0) for n, w in weighted) for i in range(len(completions))]
         return Scores(total, by_reward, failed, time.perf_counter() - start, errors)
 
 

@@ -39,6 +39,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.train_examples, self.eval_examples = train_examples, eval_examples
         self.acc = accelerator
+        self.trained = task.trained(model)  # what the optimizer steps and checkpoints hold
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
@@ -48,13 +49,13 @@ class Engine:
                 f"data.train has {len(train_examples)} examples but one optimizer step needs "
                 f"{self.examples_per_step} ({task.step_size_formula})"
             )
-        self.steps_per_epoch = len(train_examples) // self.examples_per_step
+        self.steps_per_epoch = len(train_examples) // self.examples_per_step * task.steps_per_batch
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
 
     # -- setup --------------------------------------------------------------------------------
     def build_optimizer(self):
         decay, no_decay = [], []
-        for param in self.model.parameters():
+        for param in self.trained.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -142,7 +143,7 @@ class Engine:
         if not checkpoints and (self.out / "final").exists():
             self.say(f"{self.out} holds a finished run without checkpoints: training again from step 0 (final/ is replaced)")
         if checkpoints:
-            state = ckpt.load_checkpoint(checkpoints[-1], self.model, optimizer, scheduler, self.rank)
+            state = ckpt.load_checkpoint(checkpoints[-1], self.trained, optimizer, scheduler, self.rank)
             self.task.load_state_dict(ckpt.load_task_state(checkpoints[-1], state.pop("task", {})))
             self.say(f"resuming from {checkpoints[-1]} (step {state['step']} of {self.total_steps})")
         return state
@@ -184,7 +185,7 @@ class Engine:
             _accumulate(metric_totals, metrics)
         tokens = int(self.reduce(sum(b.num_tokens for b in batches)))
         step_loss = self.reduce(float(loss_total))
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.trained.parameters() if p.requires_grad]
         grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else _grad_norm(params))
         if math.isfinite(step_loss) and math.isfinite(grad_norm):
             state["bad_steps"] = 0
@@ -248,7 +249,7 @@ class Engine:
         ckpt.write_rank_state(staging, self.rank)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            ckpt.write_main_state(staging, self.model, optimizer, scheduler, state, self.task.state_dict())
+            ckpt.write_main_state(staging, self.trained, optimizer, scheduler, state, self.task.state_dict())
             ckpt.publish(staging, self.ckpt_root, state["step"], self.cfg.save_total_limit)
         self.acc.wait_for_everyone()
 

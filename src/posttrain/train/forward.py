@@ -33,18 +33,22 @@ class TargetLogprobs(nn.Module):
         self.temperature = temperature
 
     def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, teacher_ids=None, teacher_logps=None):
-        hidden = final_hidden_states(self.model, input_ids, position_ids, attention_mask)
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+        flat = target_hidden_states(self.model, input_ids, position_ids, attention_mask, target_index)
+        logps = self.target_logprobs(flat, target_ids)
+        if teacher_ids is None:
+            return logps
+        head = self.model.get_output_embeddings()
+        divergence = target_divergence(flat, head.weight, head.bias, teacher_ids, teacher_logps, chunk_size=self.chunk_size,
+                                       **self.distill)
+        return logps, divergence
+
+    def target_logprobs(self, flat: torch.Tensor, target_ids: torch.Tensor):
+        """From the hidden states that predict the targets [N, H]: their log-probs (and what else was asked)."""
         head = self.model.get_output_embeddings()
         bias = head.bias
         if self.temperature != 1.0:  # (h W + b) / T
             flat, bias = flat / self.temperature, (bias / self.temperature if bias is not None else None)
-        logps = target_logprobs(flat, head.weight, target_ids, bias, self.chunk_size, self.with_sum_sq, self.with_entropy)
-        if teacher_ids is None:
-            return logps
-        divergence = target_divergence(flat, head.weight, head.bias, teacher_ids, teacher_logps, chunk_size=self.chunk_size,
-                                       **self.distill)
-        return logps, divergence
+        return target_logprobs(flat, head.weight, target_ids, bias, self.chunk_size, self.with_sum_sq, self.with_entropy)
 
 
 def batch_logprobs(module: nn.Module, batch: Batch):
@@ -60,6 +64,12 @@ def sequence_logps(module: nn.Module, batch: Batch) -> torch.Tensor:
     """Summed target log-probs per example [num_examples]."""
     logps = batch_logprobs(module, batch)
     return torch.zeros(batch.num_examples, dtype=logps.dtype, device=logps.device).index_add(0, batch.target_example, logps)
+
+
+def target_hidden_states(model, input_ids, position_ids, attention_mask, target_index) -> torch.Tensor:
+    """The last-layer hidden states [N, H] at the positions that predict the targets."""
+    hidden = final_hidden_states(model, input_ids, position_ids, attention_mask)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
 
 
 def final_hidden_states(model, input_ids, position_ids, attention_mask) -> torch.Tensor:

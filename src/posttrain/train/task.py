@@ -28,6 +28,9 @@ class Task(Protocol):
     def module(self, model) -> torch.nn.Module:
         """What the engine differentiates (and wraps for distribution): a log-prob module, a reward head, ..."""
 
+    def trained(self, model) -> torch.nn.Module:
+        """Whose trainable parameters the optimizer steps and checkpoints hold: the model, or more (a value head)."""
+
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
         """Once before training: reference log-probs, caches, anything that needs the model."""
 
@@ -35,6 +38,7 @@ class Task(Protocol):
         """Training examples (prompts, for RL) one optimizer step consumes, all processes together."""
 
     step_size_formula: str  # how examples_per_step follows from the recipe, for error messages
+    steps_per_batch: int  # optimizer steps one batch of examples_per_step feeds (RL reusing a rollout batch: > 1)
 
     def step_batches(self, step: int, examples: list, module) -> list:
         """This process's micro-batches of optimizer step ``step`` (a function of the step, never of history)."""
@@ -73,11 +77,15 @@ class OfflineTask:
     empty_steps_allowed = False
     progress: dict[str, str] = {}
     step_size_formula = "train.batch_size x train.grad_accum x processes"
+    steps_per_batch = 1
 
     def module(self, model) -> torch.nn.Module:
         from posttrain.train.forward import TargetLogprobs
 
         return TargetLogprobs(model, self.recipe.train.logprob_chunk)
+
+    def trained(self, model) -> torch.nn.Module:
+        return model
 
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
         self.accelerator = accelerator

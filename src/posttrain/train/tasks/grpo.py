@@ -10,6 +10,7 @@ the step: accumulation and process count cannot change the update.
 
 With ``rl.num_iterations`` = k > 1 a rollout batch is trained on for k optimizer steps, the ratio taken
 against the log-probs at sampling time (kept in the checkpoint, so a resume mid-cycle continues it).
+PPO (``ppo.py``) reuses all of this with a value model, epochs and mini-batches over a rollout batch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class PromptExample:
     prompt: str  # what reward functions see
     columns: dict  # the record's other fields, passed to reward functions by name
     truncated: bool = False
+    conversation: str | list[dict] = ""  # what reward models see: chat messages, or the raw prompt text
 
 
 @dataclass
@@ -52,8 +54,12 @@ class Rollouts:
     active: torch.Tensor  # [S] bool: trained on (overlong filtering masks truncated completions)
     advantages: torch.Tensor  # [N]
     sampler_logps: torch.Tensor  # [N]
-    old_logps: torch.Tensor | None = None  # [N], with num_iterations > 1
+    old_logps: torch.Tensor | None = None  # [N], when a rollout batch feeds several optimizer steps
     ref_logps: torch.Tensor | None = None  # [N], with the KL in the loss
+    values: torch.Tensor | None = None  # [N], PPO: the value model's estimates at sampling time
+    returns: torch.Tensor | None = None  # [N], PPO: the value targets
+
+    OPTIONAL = ("old_logps", "ref_logps", "values", "returns")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"prompt_lengths": torch.tensor([len(p) for p in self.prompt_ids]),
@@ -61,7 +67,7 @@ class Rollouts:
                "prompt_tokens": torch.tensor([t for p in self.prompt_ids for t in p], dtype=torch.long),
                "completion_tokens": torch.tensor([t for c in self.completion_ids for t in c], dtype=torch.long),
                "active": self.active, "advantages": self.advantages, "sampler_logps": self.sampler_logps}
-        out.update({k: v for k in ("old_logps", "ref_logps") if (v := getattr(self, k)) is not None})
+        out.update({k: v for k in self.OPTIONAL if (v := getattr(self, k)) is not None})
         return out
 
     @classmethod
@@ -70,7 +76,7 @@ class Rollouts:
             return [chunk.tolist() for chunk in torch.split(flat, lengths.tolist())]
 
         return cls(split(t["prompt_tokens"], t["prompt_lengths"]), split(t["completion_tokens"], t["completion_lengths"]),
-                   t["active"], t["advantages"], t["sampler_logps"], t.get("old_logps"), t.get("ref_logps"))
+                   t["active"], t["advantages"], t["sampler_logps"], **{k: t.get(k) for k in cls.OPTIONAL})
 
 
 @dataclass
@@ -84,6 +90,8 @@ class RLBatch:
     units: float  # this micro-batch's share of the aggregation normalizer
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -147,6 +155,43 @@ class GRPOTask(OfflineTask):
         self.recipe, self.tokenizer, self.cfg = recipe, tokenizer, recipe.rl
         self.settings = SamplingSettings(recipe.rollout.max_new_tokens, recipe.rollout.temperature, recipe.rollout.top_p,
                                          recipe.rollout.top_k, tuple(recipe.rollout.stop))
+        self.check_settings()
+        self.formatter = ChatFormatter(tokenizer, recipe.data.chat_template) if recipe.rollout.chat else None
+        self.reference = Reference(recipe, self.cfg.kl_coef > 0, ["rl.kl_coef"])
+        self.buffer: Rollouts | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.runner = None
+
+    # a rollout batch feeds epochs x mini_batches optimizer steps; the ratio is then taken against its log-probs
+    @property
+    def epochs(self) -> int:
+        return self.cfg.num_iterations
+
+    mini_batches = 1
+
+    @property
+    def streams(self) -> int:
+        """Prompt streams per rollout: the first, plus one per resampling round."""
+        return self.cfg.max_resample + 1
+
+    @property
+    def dynamic_sampling(self) -> str:
+        return self.cfg.dynamic_sampling
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """What the advantage estimator needs beyond rewards (ReMax: a greedy baseline)."""
+        return ADVANTAGES[self.cfg.advantage].needs
+
+    @property
+    def steps_per_batch(self) -> int:
+        return self.epochs * self.mini_batches
+
+    @property
+    def reuses_rollouts(self) -> bool:
+        return self.steps_per_batch > 1
+
+    def check_settings(self) -> None:
         chosen = {k for k in self.cfg.hyperparameters()}
         ADVANTAGES.check([self.cfg.advantage], set())
         POLICY_LOSSES.check([self.cfg.policy_loss], set())
@@ -158,11 +203,6 @@ class GRPOTask(OfflineTask):
             raise UserError("rl.advantage: reinforce_pp puts the KL penalty in the reward: set rl.kl_in: reward")
         if self.cfg.policy_loss == "reinforce" and self.cfg.num_iterations > 1:
             raise UserError("rl.policy_loss: reinforce is on-policy only; with rl.num_iterations > 1 use ppo_clip, gspo or cispo")
-        self.formatter = ChatFormatter(tokenizer, recipe.data.chat_template) if recipe.rollout.chat else None
-        self.reference = Reference(recipe, self.cfg.kl_coef > 0, ["rl.kl_coef"])
-        self.buffer: Rollouts | None = None
-        self.last_metrics: dict[str, float] = {}
-        self.runner = None
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, which: str, quiet: bool = False) -> list[PromptExample]:
@@ -174,25 +214,26 @@ class GRPOTask(OfflineTask):
             prompt = check.text_or_messages("prompt", "user")
             if isinstance(prompt, str):
                 text = self.formatter.render([_user(prompt)], add_generation_prompt=True) if self.formatter else prompt
-                shown = prompt
+                shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
             else:
                 if self.formatter is None:
                     raise check.fail("prompt", "a conversation needs rollout.chat: true (a chat template)")
                 text = self.formatter.render(prompt, add_generation_prompt=True)
                 shown = prompt[-1].content
+                conversation = [{"role": m.role, "content": m.content} for m in prompt]
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             cut = len(ids) > limit
             truncated += cut
             columns = {k: v for k, v in record.items() if k != "prompt"}
-            examples.append(PromptExample(len(examples), ids[-limit:], shown, columns, cut))
+            examples.append(PromptExample(len(examples), ids[-limit:], shown, columns, cut, conversation))
         if records and not quiet:
             print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)
         return examples
 
     def examples_per_step(self) -> int:
-        """Prompts per optimizer step, all processes together."""
+        """Prompts per rollout batch, all processes together (a rollout batch feeds ``mini_batches`` steps per epoch)."""
         train = self.recipe.train
-        return train.batch_size * train.grad_accum * self.processes()[0] // self.recipe.rollout.num_generations
+        return train.batch_size * train.grad_accum * self.mini_batches * self.processes()[0] // self.recipe.rollout.num_generations
 
     # -- set-up -------------------------------------------------------------------------------
     def module(self, model) -> TargetLogprobs:
@@ -205,8 +246,13 @@ class GRPOTask(OfflineTask):
         self.model = model
         self.backend = TransformersBackend(model, self.tokenizer, self.recipe.rollout.batch_size)
         self.reference.setup(model, accelerator)
-        self.runner = RewardRunner([(r.name, r.weight, r.options) for r in self.recipe.rewards],
-                                   self.cfg.reward_workers, self.cfg.reward_timeout)
+        from posttrain.rewards.model import RewardModel
+
+        models = [(r.label, r.weight, RewardModel(r.model, self.device, trust_remote_code=self.recipe.trust_remote_code,
+                                                  **r.options))
+                  for r in self.recipe.rewards if r.model is not None]
+        self.runner = RewardRunner([(r.name, r.weight, r.options) for r in self.recipe.rewards if r.model is None],
+                                   self.cfg.reward_workers, self.cfg.reward_timeout, models)
 
     def after_step(self, model) -> None:
         self.backend.sync(model)
@@ -217,17 +263,30 @@ class GRPOTask(OfflineTask):
 
     # -- one step's data ------------------------------------------------------------------------
     def step_batches(self, step: int, examples: list, module) -> list:
-        if self.cfg.num_iterations == 1 or step % self.cfg.num_iterations == 0 or self.buffer is None:
-            self.buffer = self.collect(step, examples, module)
-        rollouts, size = self.buffer, self.recipe.train.batch_size
-        return [self.micro_batch(rollouts, range(lo, min(lo + size, len(rollouts.completion_ids)))).to(self.device)
-                for lo in range(0, len(rollouts.completion_ids), size)]
+        cycle = self.steps_per_batch
+        if step % cycle == 0 or self.buffer is None:
+            self.buffer = self.collect(step - step % cycle, examples, module)
+        members = self.mini_batch_members(step, len(self.buffer.completion_ids))
+        size = self.recipe.train.batch_size
+        return [self.micro_batch(self.buffer, members[lo : lo + size]).to(self.device) for lo in range(0, len(members), size)]
+
+    def mini_batch_members(self, step: int, count: int) -> list[int]:
+        """The completions of the rollout batch that optimizer ``step`` trains on: all of them, or with
+        mini-batches, one part of a seeded shuffle of them per epoch (a function of the step, so resumable)."""
+        if self.mini_batches == 1:
+            return list(range(count))
+        position = step % self.steps_per_batch
+        epoch, part = divmod(position, self.mini_batches)
+        seed = (self.recipe.train.seed * 1_000_003 + step - position) * 1_009 + epoch
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+        return [int(i) for i in np.array_split(order, self.mini_batches)[part]]
 
     def my_prompts(self, step: int, examples: list, stream: int = 0) -> list[tuple[int, PromptExample]]:
         """(position in the step, prompt) for this process; ``stream`` > 0 draws the extra prompts of resampling."""
         world, rank = self.processes()
         per_rank = self.examples_per_step() // world
-        indices = self.step_indices(step * (self.cfg.max_resample + 1) + stream, len(examples))
+        rollout = step // self.steps_per_batch
+        indices = self.step_indices(rollout * self.streams + stream, len(examples))
         positions = range(rank * per_rank, (rank + 1) * per_rank)
         return [(stream * self.examples_per_step() + p, examples[indices[p]]) for p in positions]
 
@@ -243,7 +302,8 @@ class GRPOTask(OfflineTask):
     def score(self, prompts: list[PromptExample], completions: list, groups: list[int]):
         """The reward functions on ``completions`` of ``prompts``, with the records' other fields by name."""
         columns = {key: [ex.columns.get(key) for ex in prompts] for key in {k for ex in prompts for k in ex.columns}}
-        return self.runner.score([ex.prompt for ex in prompts], [c.text for c in completions], columns, groups)
+        return self.runner.score([ex.prompt for ex in prompts], [c.text for c in completions], columns, groups,
+                                 [ex.conversation for ex in prompts])
 
     @torch.no_grad()
     def collect(self, step: int, examples: list, module) -> Rollouts:
@@ -259,27 +319,28 @@ class GRPOTask(OfflineTask):
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
         active = ~truncated if cfg.overlong_filter else torch.ones(len(completions), dtype=torch.bool)
         sampler_logps = torch.tensor([x for c in completions for x in c.sampler_logps], dtype=torch.float64)
-        policy_logps, ref_logps = self.rollout_logps(Rollouts(prompt_ids, completion_ids, active, torch.zeros(len(token_seq)),
-                                                              sampler_logps), module)
+        policy_logps, ref_logps, values = self.rollout_logps(Rollouts(prompt_ids, completion_ids, active,
+                                                                      torch.zeros(len(token_seq)), sampler_logps), module)
         kl_values = kl_estimate(policy_logps, ref_logps, cfg.kl_estimator) if cfg.kl_coef and cfg.kl_in == "reward" else None
         baselines = None
-        if "greedy_baseline" in ADVANTAGES[cfg.advantage].needs:
+        if "greedy_baseline" in self.needs:
             baselines, seconds = self.greedy_baselines(flat)
             sampled.reward_s += seconds
         mine = {"rewards": torch.tensor(sampled.totals, dtype=torch.float64),
                 "groups": torch.tensor([pos for pos, _ in flat], dtype=torch.long),
                 "token_seq": token_seq, "lengths": lengths, "truncated": truncated, "baselines": baselines, "kl": kl_values,
+                "values": values,
                 "penalty": -cfg.kl_coef * kl_values if kl_values is not None else torch.zeros(len(token_seq), dtype=torch.float64),
                 "generated": self.backend.stats.tokens - gen_tokens_before, "generate_s": self.backend.stats.seconds - gen_before,
                 **sampled.counts()}
         every = self.gathered(mine)
-        advantage = self.global_advantages(every)
+        advantage, returns = self.global_advantages(every)
         self.last_metrics = self.rollout_metrics(every)
         if not completions and sampled.spare is not None and self.processes()[0] > 1:
             return self.placeholder(*sampled.spare)
         return Rollouts(prompt_ids, completion_ids, active, advantage, sampler_logps,
-                        policy_logps if cfg.num_iterations > 1 else None,
-                        ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None)
+                        policy_logps if self.reuses_rollouts else None,
+                        ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None, values, returns)
 
     @staticmethod
     def placeholder(flat: list, completions: list) -> Rollouts:
@@ -301,29 +362,29 @@ class GRPOTask(OfflineTask):
         while True:
             flat, completions, scores = self.sample(step, self.my_prompts(step, examples, stream=rounds))
             varied = sampled.add(flat, completions, scores, self.shape_rewards(list(scores.total), completions), g)
-            keep += varied if cfg.dynamic_sampling != "none" else [True] * len(varied)
+            keep += varied if self.dynamic_sampling != "none" else [True] * len(varied)
             for error in scores.errors[:3]:
                 self.say(f"reward error: {error}")
             if rounds == 0:
                 sampled.group_count, sampled.zero_std_groups = len(varied), len(varied) - sum(varied)
-            if cfg.dynamic_sampling != "resample" or sum(keep) >= sampled.group_count or rounds >= cfg.max_resample:
+            if self.dynamic_sampling != "resample" or sum(keep) >= sampled.group_count or rounds >= self.streams - 1:
                 break
             rounds += 1
         sampled.rounds = rounds
         sampled.select([i for i, k in enumerate(keep) if k][: sampled.group_count], g)
         return sampled
 
-    def rollout_logps(self, rollouts: Rollouts, module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The sampling policy's log-probs (for ``num_iterations`` > 1 and the KL in the reward) and the reference's
-        (for any KL), computed without adapter dropout."""
+    def rollout_logps(self, rollouts: Rollouts, module) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        """The sampling policy's log-probs (when a rollout batch feeds several steps, and for the KL in the reward)
+        and the reference's (for any KL), computed without adapter dropout; no values (PPO has them)."""
         cfg = self.cfg
         policy_logps = ref_logps = None
         with _eval_mode(module):
-            if cfg.num_iterations > 1 or (cfg.kl_coef and cfg.kl_in == "reward"):
+            if self.reuses_rollouts or (cfg.kl_coef and cfg.kl_in == "reward"):
                 policy_logps = self.logps_of(rollouts, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
             if cfg.kl_coef:
                 ref_logps = self.logps_of(rollouts, lambda batch: self.reference.run(module, self.reference_logps, batch))
-        return policy_logps, ref_logps
+        return policy_logps, ref_logps, None
 
     def greedy_baselines(self, flat: list[tuple[int, PromptExample]]) -> tuple[torch.Tensor, float]:
         """ReMax's baseline: the (shaped) reward of each prompt's greedy completion, per completion [B]; and the
@@ -352,8 +413,8 @@ class GRPOTask(OfflineTask):
 
         return gather_object([mine])
 
-    def global_advantages(self, every: list[dict]) -> torch.Tensor:
-        """Advantages over every process's completions of the step; this process's part."""
+    def global_advantages(self, every: list[dict]) -> tuple[torch.Tensor, None]:
+        """Advantages over every process's completions of the step: this process's part (and no value targets)."""
         offsets = np.cumsum([0] + [len(p["rewards"]) for p in every])
         token_offsets = np.cumsum([0] + [len(p["token_seq"]) for p in every])
         values = advantages(self.cfg.advantage, torch.cat([p["rewards"] for p in every]), torch.cat([p["groups"] for p in every]),
@@ -363,7 +424,7 @@ class GRPOTask(OfflineTask):
                             **self.cfg.hyperparameters())
         rank = self.processes()[1]
         self.all_advantages = values
-        return values[int(token_offsets[rank]) : int(token_offsets[rank + 1])]
+        return values[int(token_offsets[rank]) : int(token_offsets[rank + 1])], None
 
     def rollout_metrics(self, every: list[dict]) -> dict[str, float]:
         """What this step's sampling produced, over all processes: the numbers that explain a flat loss."""
@@ -410,7 +471,7 @@ class GRPOTask(OfflineTask):
             out.append(torch.empty_like(values).index_put_((micro.extra["order"],), values))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
-    def micro_batch(self, rollouts: Rollouts, members: range) -> RLBatch:
+    def micro_batch(self, rollouts: Rollouts, members) -> RLBatch:
         members = list(members)
         examples = []
         for i in members:
@@ -432,15 +493,22 @@ class GRPOTask(OfflineTask):
                                            lengths[active], self.settings.max_new_tokens)
         pick = lambda t: None if t is None else t[order]  # noqa: E731
         return RLBatch(batch, rollouts.advantages[order], rollouts.sampler_logps[order], weights, units,
-                       pick(rollouts.old_logps), pick(rollouts.ref_logps), {"order": local})
+                       pick(rollouts.old_logps), pick(rollouts.ref_logps), pick(rollouts.values), pick(rollouts.returns),
+                       {"order": local})
 
     # -- loss ---------------------------------------------------------------------------------
     def normalizer(self, batch: RLBatch) -> float:
         return batch.units
 
     def loss(self, module, rl: RLBatch, normalizer: float) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg
         logps, entropy = module(*_inputs(rl.batch))
+        per_token, metrics = self.policy_terms(logps, entropy, rl)
+        return (per_token * rl.weights.to(logps.dtype)).sum() / normalizer, metrics
+
+    def policy_terms(self, logps: torch.Tensor, entropy: torch.Tensor, rl: RLBatch) -> tuple[torch.Tensor, dict]:
+        """The per-token policy loss (with the sampler correction and the KL where asked) and its statistics, as
+        (sum, count) pairs over the trained tokens."""
+        cfg = self.cfg
         old = rl.old_logps.to(logps.dtype) if rl.old_logps is not None else logps.detach()
         spec = POLICY_LOSSES[cfg.policy_loss]
         out = spec.fn(logps, old, rl.advantages.to(logps.dtype), rl.batch.target_example, **spec.options(None, cfg.hyperparameters()))
@@ -465,7 +533,7 @@ class GRPOTask(OfflineTask):
             kl = kl_estimate(logps, rl.ref_logps.to(logps.dtype), cfg.kl_estimator)
             per_token = per_token + cfg.kl_coef * kl
             metrics["policy/kl_ref"] = (float(kl.detach()[trained].sum()), count)
-        return (per_token * weights).sum() / normalizer, metrics
+        return per_token, metrics
 
     def step_metrics(self) -> dict[str, float]:
         return dict(self.last_metrics)
@@ -502,14 +570,14 @@ class GRPOTask(OfflineTask):
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Mid-cycle of ``num_iterations``: the rollout batch still to train on, and its metrics."""
-        if self.cfg.num_iterations == 1 or self.buffer is None:
+        """Mid-cycle of a reused rollout batch: the rollout batch still to train on, and its metrics."""
+        if not self.reuses_rollouts or self.buffer is None:
             return {}
         metrics = {f"metrics/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.last_metrics.items()}
         return {**self.buffer.tensors(), **metrics}
 
     def load_state_dict(self, state: dict) -> None:
-        if state and self.cfg.num_iterations > 1:
+        if state and self.reuses_rollouts:
             self.buffer = Rollouts.from_tensors({k: v for k, v in state.items() if not k.startswith("metrics/")})
             self.last_metrics = {k.removeprefix("metrics/"): float(v) for k, v in state.items() if k.startswith("metrics/")}
 

@@ -1,0 +1,94 @@
+"""Reward models: a sequence-classification model's score of a whole conversation, used as a reward.
+
+The reward model reads the conversation in its own chat template (it need not share the policy's
+tokenizer), and its score head is applied at the last non-pad token, computed from the attention
+mask (never from a pad id that may equal the end-of-turn token). A directory whose score head is
+missing is refused: transformers would silently start a random head, and training on random rewards
+is the kind of wrong run that looks fine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.errors import UserError
+
+SCORE_HEADS = ("score", "classifier")  # what transformers' *ForSequenceClassification call their head
+
+
+def load_reward_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(model, tokenizer) of a reward model directory or hub id; refuses a model without a trained score head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models import load_tokenizer, not_loadable, resolve_model
+
+    path = resolve_model(spec)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=1).merge_and_unload()
+        missing = []
+    else:
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+        except OSError as exc:
+            raise not_loadable(spec, exc) from None
+        missing = [k for k in info["missing_keys"] if k.split(".")[0] in SCORE_HEADS]
+    if missing:
+        raise UserError(f"{spec} is not a reward model: it has no trained score head ({missing[0]} missing); "
+                        "train one with posttrain rm, or give a sequence-classification model")
+    if model.config.num_labels != 1:
+        raise UserError(f"{spec}: a reward model gives one score per sequence; this one has {model.config.num_labels} labels")
+    return model.eval(), tokenizer
+
+
+def score_head(model) -> torch.nn.Module:
+    for name in SCORE_HEADS:
+        if isinstance(head := getattr(model, name, None), torch.nn.Module):
+            return head
+    raise UserError(f"{type(model).__name__}: no score head (looked for {', '.join(SCORE_HEADS)})")
+
+
+def render(tokenizer, prompt: str | list[dict], completion: str) -> str:
+    """The text a reward model scores: the conversation with the completion as the assistant's turn, in the
+    reward model's chat template; a raw-text prompt is simply continued."""
+    if isinstance(prompt, str):
+        return prompt + completion
+    messages = [*prompt, {"role": "assistant", "content": completion}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+class RewardModel:
+    """Scores completions in batches on ``device``; ``max_length`` tokens at most (cut on the left, so the end of
+    the answer, where the score is read, is always seen)."""
+
+    def __init__(self, spec: str, device="cpu", batch_size: int = 16, max_length: int = 2048, trust_remote_code: bool = False):
+        self.model, self.tokenizer = load_reward_model(spec, trust_remote_code=trust_remote_code)
+        self.model.to(device)
+        self.head = score_head(self.model)
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+        texts = [render(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for lo in range(0, len(texts), self.batch_size):
+            scores += self.score_texts(texts[lo : lo + self.batch_size])
+        return scores
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length:] for t in texts]
+        width = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, row in enumerate(ids):
+            input_ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        hidden = self.model.base_model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        last = hidden[torch.arange(len(ids)), torch.tensor([len(i) - 1 for i in ids])]
+        return self.head(last).float().squeeze(-1).cpu().tolist()
