@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, PPORecipe, RankRecipe, Recipe, SFTRecipe
+from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, PPORecipe, RankRecipe, Recipe, RFTRecipe, SFTRecipe
 
 
 @dataclass(frozen=True)
@@ -37,4 +37,6 @@ COMMANDS: dict[str, Command] = {
                     "online RL from rewards: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, RLOO, REINFORCE++, ReMax (chosen by rl.*)"),
     "ppo": Command(PPORecipe, "posttrain.train.tasks.ppo:PPOTask",
                    "PPO with a value model: GAE, clipped value loss, KL penalty in the reward, epochs x mini-batches"),
+    "rft": Command(RFTRecipe, "posttrain.train.tasks.rft:RFTTask",
+                   "rejection-sampling fine-tuning / expert iteration / STaR: sample, keep what the rewards accept, SFT, repeat"),
 }

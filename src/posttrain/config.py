@@ -404,6 +404,49 @@ class PPORecipe(GRPORecipe):
         return self
 
 
+class RFTConfig(Section):
+    rounds: int = Field(3, gt=0, description="sample-filter-train rounds")
+    steps_per_round: int = Field(20, gt=0, description="optimizer steps on each round's accepted completions")
+    prompts_per_round: int | None = Field(None, gt=0, description="prompts sampled per round (default: every training prompt)")
+    accept: Literal["threshold", "top_k"] = Field("threshold", description="threshold: keep completions whose summed "
+                                                  "reward reaches rft.threshold (a verifier); top_k: each prompt's k best")
+    threshold: float = Field(1.0, description="threshold: the summed reward a completion needs")
+    top_k: int = Field(1, gt=0, description="top_k: completions kept per prompt, best reward first")
+    max_per_prompt: int | None = Field(None, gt=0, description="at most this many distinct accepted completions per prompt "
+                                       "(duplicates are always dropped)")
+    hint: str | None = Field(None, description="STaR rationalization: a template filled with the record's fields (e.g. "
+                             "'(The answer is {answer}.)') appended to prompts none of whose samples were accepted; they "
+                             "are sampled again with it and accepted ones are trained on without it")
+    reward_workers: int = Field(2, ge=0, description="processes that score completions (0: in the training process)")
+    reward_timeout: float = Field(120.0, gt=0, description="seconds per scoring call before its workers are killed")
+
+
+class RFTRolloutConfig(RolloutConfig):
+    num_generations: int = Field(4, ge=1, description="completions sampled per prompt per round")
+
+
+class RFTRecipe(Recipe):
+    """Rejection-sampling fine-tuning / expert iteration / STaR: sample, keep what the rewards accept, SFT on it,
+    repeat. train.batch_size counts accepted completions; train.max_steps is rft.rounds x rft.steps_per_round."""
+
+    rollout: RFTRolloutConfig = Field(default_factory=RFTRolloutConfig)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="math_answer")],
+                                      description="reward functions and reward models, summed with their weights")
+    rft: RFTConfig = Field(default_factory=RFTConfig)
+
+    @model_validator(mode="after")
+    def _steps_from_rounds(self) -> "RFTRecipe":
+        steps = self.rft.rounds * self.rft.steps_per_round
+        if self.train.max_steps is None:
+            self.train.max_steps = steps
+        elif self.train.max_steps != steps:
+            raise ValueError(f"train.max_steps ({self.train.max_steps}) must be rft.rounds x rft.steps_per_round ({steps}) "
+                             "or unset")
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward function or model")
+        return self
+
+
 def recipes_dir() -> Path:
     return Path(str(importlib.resources.files("posttrain") / "recipes"))
 

@@ -15,34 +15,20 @@ PPO (``ppo.py``) reuses all of this with a value model, epochs and mini-batches 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from posttrain.data.batching import Batch, collate
-from posttrain.data.formats import RecordChecker
-from posttrain.data.load import split_records
-from posttrain.data.tokenize import ChatFormatter, TokenizedExample
+from posttrain.data.tokenize import TokenizedExample
 from posttrain.errors import UserError
-from posttrain.evaluate.accuracy import wilson_interval
 from posttrain.objectives.advantages import ADVANTAGES, advantages
 from posttrain.objectives.policy import POLICY_LOSSES, aggregation_weights, kl_estimate, sampler_correction
-from posttrain.rollout.backend import SamplingSettings, TransformersBackend, sample_seed
+from posttrain.rollout.backend import SamplingSettings, sample_seed
 from posttrain.train.forward import TargetLogprobs
 from posttrain.train.reference import Reference
-from posttrain.train.task import OfflineTask
-
-
-@dataclass
-class PromptExample:
-    index: int
-    prompt_ids: list[int]
-    prompt: str  # what reward functions see
-    columns: dict  # the record's other fields, passed to reward functions by name
-    truncated: bool = False
-    conversation: str | list[dict] = ""  # what reward models see: chat messages, or the raw prompt text
+from posttrain.train.tasks.sampling import PromptExample, SamplingTask, eval_mode, mean_or_zero, model_inputs
 
 
 @dataclass
@@ -145,22 +131,18 @@ class Sampled:
                 "trained_groups": self.trained_groups}
 
 
-class GRPOTask(OfflineTask):
+class GRPOTask(SamplingTask):
     name = "grpo"
     empty_steps_allowed = True  # dynamic sampling may drop every group of a step
     progress = {"reward": "reward/mean", "len": "completion/length_mean"}
     step_size_formula = "train.batch_size x train.grad_accum x processes / rollout.num_generations"
 
     def __init__(self, recipe, tokenizer):
-        self.recipe, self.tokenizer, self.cfg = recipe, tokenizer, recipe.rl
-        self.settings = SamplingSettings(recipe.rollout.max_new_tokens, recipe.rollout.temperature, recipe.rollout.top_p,
-                                         recipe.rollout.top_k, tuple(recipe.rollout.stop))
+        super().__init__(recipe, tokenizer, recipe.rl)
         self.check_settings()
-        self.formatter = ChatFormatter(tokenizer, recipe.data.chat_template) if recipe.rollout.chat else None
         self.reference = Reference(recipe, self.cfg.kl_coef > 0, ["rl.kl_coef"])
         self.buffer: Rollouts | None = None
         self.last_metrics: dict[str, float] = {}
-        self.runner = None
 
     # a rollout batch feeds epochs x mini_batches optimizer steps; the ratio is then taken against its log-probs
     @property
@@ -204,62 +186,18 @@ class GRPOTask(OfflineTask):
         if self.cfg.policy_loss == "reinforce" and self.cfg.num_iterations > 1:
             raise UserError("rl.policy_loss: reinforce is on-policy only; with rl.num_iterations > 1 use ppo_clip, gspo or cispo")
 
-    # -- data ---------------------------------------------------------------------------------
-    def build_dataset(self, which: str, quiet: bool = False) -> list[PromptExample]:
-        records = split_records(self.recipe, which)
-        examples, truncated = [], 0
-        limit = self.recipe.data.max_length
-        for path, where, record in records:
-            check = RecordChecker(path, where, record)
-            prompt = check.text_or_messages("prompt", "user")
-            if isinstance(prompt, str):
-                text = self.formatter.render([_user(prompt)], add_generation_prompt=True) if self.formatter else prompt
-                shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
-            else:
-                if self.formatter is None:
-                    raise check.fail("prompt", "a conversation needs rollout.chat: true (a chat template)")
-                text = self.formatter.render(prompt, add_generation_prompt=True)
-                shown = prompt[-1].content
-                conversation = [{"role": m.role, "content": m.content} for m in prompt]
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            cut = len(ids) > limit
-            truncated += cut
-            columns = {k: v for k, v in record.items() if k != "prompt"}
-            examples.append(PromptExample(len(examples), ids[-limit:], shown, columns, cut, conversation))
-        if records and not quiet:
-            print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)
-        return examples
-
-    def examples_per_step(self) -> int:
-        """Prompts per rollout batch, all processes together (a rollout batch feeds ``mini_batches`` steps per epoch)."""
-        train = self.recipe.train
-        return train.batch_size * train.grad_accum * self.mini_batches * self.processes()[0] // self.recipe.rollout.num_generations
-
     # -- set-up -------------------------------------------------------------------------------
     def module(self, model) -> TargetLogprobs:
         return TargetLogprobs(model, self.recipe.train.logprob_chunk, with_entropy=True, temperature=self.settings.temperature)
 
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
-        from posttrain.rewards.runner import RewardRunner
-
         super().setup(model, accelerator, train, evaluation)
-        self.model = model
-        self.backend = TransformersBackend(model, self.tokenizer, self.recipe.rollout.batch_size)
         self.reference.setup(model, accelerator)
-        from posttrain.rewards.model import RewardModel
 
-        models = [(r.label, r.weight, RewardModel(r.model, self.device, trust_remote_code=self.recipe.trust_remote_code,
-                                                  **r.options))
-                  for r in self.recipe.rewards if r.model is not None]
-        self.runner = RewardRunner([(r.name, r.weight, r.options) for r in self.recipe.rewards if r.model is None],
-                                   self.cfg.reward_workers, self.cfg.reward_timeout, models)
-
-    def after_step(self, model) -> None:
-        self.backend.sync(model)
-
-    def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
+    def examples_per_step(self) -> int:
+        """Prompts per rollout batch, all processes together (a rollout batch feeds ``mini_batches`` steps per epoch)."""
+        train = self.recipe.train
+        return train.batch_size * train.grad_accum * self.mini_batches * self.processes()[0] // self.recipe.rollout.num_generations
 
     # -- one step's data ------------------------------------------------------------------------
     def step_batches(self, step: int, examples: list, module) -> list:
@@ -298,12 +236,6 @@ class GRPOTask(OfflineTask):
         seeds = [sample_seed(seed, step, pos, k % g) for k, (pos, _) in enumerate(flat)]
         completions = self.backend.generate([ex.prompt_ids for _, ex in flat], seeds, self.settings)
         return flat, completions, self.score([ex for _, ex in flat], completions, [pos for pos, _ in flat])
-
-    def score(self, prompts: list[PromptExample], completions: list, groups: list[int]):
-        """The reward functions on ``completions`` of ``prompts``, with the records' other fields by name."""
-        columns = {key: [ex.columns.get(key) for ex in prompts] for key in {k for ex in prompts for k in ex.columns}}
-        return self.runner.score([ex.prompt for ex in prompts], [c.text for c in completions], columns, groups,
-                                 [ex.conversation for ex in prompts])
 
     @torch.no_grad()
     def collect(self, step: int, examples: list, module) -> Rollouts:
@@ -355,7 +287,7 @@ class GRPOTask(OfflineTask):
     def sample_groups(self, step: int, examples: list) -> "Sampled":
         """This process's groups of the step, scored; with DAPO's dynamic sampling only groups whose rewards vary,
         refilled from extra prompts (``resample``) up to ``rl.max_resample`` rounds."""
-        cfg, g = self.cfg, self.recipe.rollout.num_generations
+        g = self.recipe.rollout.num_generations
         sampled = Sampled()
         keep: list[bool] = []
         rounds = 0
@@ -379,9 +311,9 @@ class GRPOTask(OfflineTask):
         and the reference's (for any KL), computed without adapter dropout; no values (PPO has them)."""
         cfg = self.cfg
         policy_logps = ref_logps = None
-        with _eval_mode(module):
+        with eval_mode(module):
             if self.reuses_rollouts or (cfg.kl_coef and cfg.kl_in == "reward"):
-                policy_logps = self.logps_of(rollouts, lambda batch: self.unwrapped(module)(*_inputs(batch))[0])
+                policy_logps = self.logps_of(rollouts, lambda batch: self.unwrapped(module)(*model_inputs(batch))[0])
             if cfg.kl_coef:
                 ref_logps = self.logps_of(rollouts, lambda batch: self.reference.run(module, self.reference_logps, batch))
         return policy_logps, ref_logps, None
@@ -405,14 +337,6 @@ class GRPOTask(OfflineTask):
         limit = self.settings.max_new_tokens
         return [r + self.cfg.overlong_penalty * min(0.0, (limit - buffer - len(c.token_ids)) / buffer) for r, c in zip(totals, completions)]
 
-    def gathered(self, mine: dict) -> list[dict]:
-        """Every process's ``mine``, in rank order (a group is never split, but batch statistics are global)."""
-        if self.processes()[0] == 1:
-            return [mine]
-        from accelerate.utils import gather_object
-
-        return gather_object([mine])
-
     def global_advantages(self, every: list[dict]) -> tuple[torch.Tensor, None]:
         """Advantages over every process's completions of the step: this process's part (and no value targets)."""
         offsets = np.cumsum([0] + [len(p["rewards"]) for p in every])
@@ -434,33 +358,29 @@ class GRPOTask(OfflineTask):
         rewards, lengths, truncated, advantage = cat("rewards"), cat("lengths").double(), cat("truncated").double(), self.all_advantages
         seconds = {key: max(p[key] for p in every) for key in ("generate_s", "reward_s")}  # processes work side by side
         metrics = {
-            "reward/mean": _mean(rewards.tolist()),
+            "reward/mean": mean_or_zero(rewards.tolist()),
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "groups/zero_std_fraction": sum(p["zero_std_groups"] for p in every) / max(sum(p["group_count"] for p in every), 1),
             "groups/trained": float(sum(p["trained_groups"] for p in every)),
             "groups/resample_rounds": float(max(p["rounds"] for p in every)),
-            "advantage/mean": _mean(advantage.tolist()),
+            "advantage/mean": mean_or_zero(advantage.tolist()),
             "advantage/std": float(advantage.std()) if len(advantage) > 1 else 0.0,
-            "completion/length_mean": _mean(lengths.tolist()),
+            "completion/length_mean": mean_or_zero(lengths.tolist()),
             "completion/length_max": float(lengths.max()) if len(lengths) else 0.0,
-            "completion/truncated_fraction": _mean(truncated.tolist()),
+            "completion/truncated_fraction": mean_or_zero(truncated.tolist()),
             "time/generate_s": seconds["generate_s"], "time/reward_s": seconds["reward_s"],
             "generate/tokens_per_s": sum(p["generated"] for p in every) / max(seconds["generate_s"], 1e-9),
         }
         for name in every[0]["by_reward"]:
-            metrics[f"reward/{name}/mean"] = _mean([v for p in every for v in p["by_reward"][name] if v is not None])
+            metrics[f"reward/{name}/mean"] = mean_or_zero([v for p in every for v in p["by_reward"][name] if v is not None])
             metrics[f"reward/{name}/failed"] = float(sum(p["failed"][name] for p in every))
         if every[0]["kl"] is not None:
-            metrics["policy/kl_ref"] = _mean(torch.cat([p["kl"] for p in every]).tolist())
+            metrics["policy/kl_ref"] = mean_or_zero(torch.cat([p["kl"] for p in every]).tolist())
         return metrics
 
     def reference_logps(self, reference_module, batch: Batch) -> torch.Tensor:
         inner = TargetLogprobs(reference_module.model, self.recipe.train.logprob_chunk, temperature=self.settings.temperature)
-        return inner(*_inputs(batch))
-
-    @staticmethod
-    def unwrapped(module):
-        return getattr(module, "module", module)
+        return inner(*model_inputs(batch))
 
     def logps_of(self, rollouts: Rollouts, compute) -> torch.Tensor:
         """Per-token values of ``compute(batch)`` over the rollouts, in rollout order (micro-batch by micro-batch)."""
@@ -501,7 +421,7 @@ class GRPOTask(OfflineTask):
         return batch.units
 
     def loss(self, module, rl: RLBatch, normalizer: float) -> tuple[torch.Tensor, dict]:
-        logps, entropy = module(*_inputs(rl.batch))
+        logps, entropy = module(*model_inputs(rl.batch))
         per_token, metrics = self.policy_terms(logps, entropy, rl)
         return (per_token * rl.weights.to(logps.dtype)).sum() / normalizer, metrics
 
@@ -538,36 +458,6 @@ class GRPOTask(OfflineTask):
     def step_metrics(self) -> dict[str, float]:
         return dict(self.last_metrics)
 
-    # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, module, examples: list) -> dict[str, float]:
-        """Greedy completions of the held-out prompts, scored by the reward functions: the mean summed reward
-        (``eval/reward``) and each function's (``eval/<name>/reward``); where every score is 0 or 1 (a verifier),
-        also the accuracy with its 95% Wilson interval (``eval/accuracy``, ``eval/<name>/accuracy``)."""
-        from posttrain.train.task import sum_over_processes
-
-        world, rank = self.processes()
-        mine = examples[rank::world]
-        greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
-        completions = self.backend.generate([e.prompt_ids for e in mine], [0] * len(mine), greedy) if mine else []
-        scores = self.score(mine, completions, list(range(len(mine))))
-        # the summed reward, and each reward function on its own (a failed score counts 0)
-        parts = {"": scores.total, **{f"{name}/": [v or 0.0 for v in values] for name, values in scores.by_reward.items()}}
-        local = {"n": float(len(mine)), "length": float(sum(len(c.token_ids) for c in completions))}
-        for prefix, values in parts.items():
-            local[f"{prefix}reward"] = float(sum(values))
-            local[f"{prefix}non_binary"] = float(not all(v in (0.0, 1.0) for v in values))
-        sums = sum_over_processes(local, self.accelerator)
-        n = max(sums["n"], 1.0)
-        out = {"eval/completion_length": sums["length"] / n, "eval/n": sums["n"]}
-        for prefix in parts:
-            out[f"eval/{prefix}reward"] = sums[f"{prefix}reward"] / n
-            if not sums[f"{prefix}non_binary"]:  # a verifier: an accuracy, with its interval
-                low, high = wilson_interval(int(sums[f"{prefix}reward"]), int(sums["n"]))
-                out.update({f"eval/{prefix}accuracy": sums[f"{prefix}reward"] / n, f"eval/{prefix}accuracy_ci_low": low,
-                            f"eval/{prefix}accuracy_ci_high": high})
-        return out
-
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Mid-cycle of a reused rollout batch: the rollout batch still to train on, and its metrics."""
@@ -580,33 +470,3 @@ class GRPOTask(OfflineTask):
         if state and self.reuses_rollouts:
             self.buffer = Rollouts.from_tensors({k: v for k, v in state.items() if not k.startswith("metrics/")})
             self.last_metrics = {k.removeprefix("metrics/"): float(v) for k, v in state.items() if k.startswith("metrics/")}
-
-    def say(self, message: str) -> None:
-        if self.accelerator is None or self.accelerator.is_main_process:
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"posttrain: {message}")
-
-
-@contextmanager
-def _eval_mode(module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def _inputs(batch: Batch) -> tuple:
-    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids
-
-
-def _user(text: str):
-    from posttrain.data.formats import Message, Segment
-
-    return Message("user", [Segment(text)])
-
-
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else 0.0

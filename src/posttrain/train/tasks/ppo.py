@@ -26,7 +26,8 @@ from posttrain.errors import UserError
 from posttrain.objectives.policy import POLICY_LOSSES
 from posttrain.objectives.value import explained_variance, gae, value_loss
 from posttrain.train.forward import TargetLogprobs, target_hidden_states
-from posttrain.train.tasks.grpo import GRPOTask, RLBatch, Rollouts, _eval_mode, _inputs, _mean
+from posttrain.train.tasks.grpo import GRPOTask, RLBatch, Rollouts
+from posttrain.train.tasks.sampling import eval_mode, mean_or_zero, model_inputs
 
 
 class PolicyAndValue(TargetLogprobs):
@@ -128,7 +129,7 @@ class PPOTask(GRPOTask):
     def rollout_logps(self, rollouts: Rollouts, module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The sampling policy's log-probs and the values at sampling time (one pass), and the reference's
         log-probs; without dropout."""
-        with _eval_mode(module):
+        with eval_mode(module):
             both = self.logps_of(rollouts, lambda batch: torch.stack(self._logps_and_values(module, batch), -1))
             ref_logps = None
             if self.cfg.kl_coef:
@@ -136,7 +137,7 @@ class PPOTask(GRPOTask):
         return both[:, 0].contiguous(), ref_logps, both[:, 1].contiguous()
 
     def _logps_and_values(self, module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, _, values = self.unwrapped(module)(*_inputs(batch))
+        logps, _, values = self.unwrapped(module)(*model_inputs(batch))
         return logps.double(), values.double()
 
     def global_advantages(self, every: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,13 +163,13 @@ class PPOTask(GRPOTask):
 
     def rollout_metrics(self, every: list[dict]) -> dict[str, float]:
         metrics = {k: v for k, v in super().rollout_metrics(every).items() if not k.startswith("groups/")}  # no groups here
-        metrics.update({"value/mean": _mean(self.all_values.tolist()), "value/returns_mean": _mean(self.all_returns.tolist()),
+        metrics.update({"value/mean": mean_or_zero(self.all_values.tolist()), "value/returns_mean": mean_or_zero(self.all_returns.tolist()),
                         "value/explained_variance": explained_variance(self.all_values, self.all_returns)})
         return metrics
 
     # -- loss ---------------------------------------------------------------------------------------
     def loss(self, module, rl: RLBatch, normalizer: float) -> tuple[torch.Tensor, dict]:
-        logps, entropy, values = module(*_inputs(rl.batch))
+        logps, entropy, values = module(*model_inputs(rl.batch))
         per_token, metrics = self.policy_terms(logps, entropy, rl)
         dtype = logps.dtype
         losses, clipped = value_loss(values.to(dtype), rl.values.to(dtype), rl.returns.to(dtype), self.cfg.value_clip)

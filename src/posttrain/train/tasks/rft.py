@@ -1,0 +1,218 @@
+"""Rejection-sampling fine-tuning: expert iteration (Anthony et al., 2017), RFT (Yuan et al., 2023, "Scaling
+Relationship on Learning Mathematical Reasoning with Large Language Models"), STaR (Zelikman et al., 2022).
+
+Each round, at its first optimizer step: sample ``rollout.num_generations`` completions of the round's prompts
+with the current weights, score them, keep those the rewards accept (a verifier's threshold, or each prompt's
+top k by a reward model), drop duplicates, and train ``rft.steps_per_round`` steps of SFT (token-mean NLL over
+each step) on the kept ones. With ``rft.hint`` (STaR's rationalization) prompts that no sample solved are
+sampled again with a hint built from the record (its answer), and accepted completions are trained on under
+the original prompt. The kept set of a round is part of the checkpoint, so a resume mid-round trains on the
+same completions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from posttrain.data.batching import Batch, collate
+from posttrain.data.formats import Message, Segment
+from posttrain.data.tokenize import TokenizedExample
+from posttrain.errors import UserError
+from posttrain.rollout.backend import sample_seed
+from posttrain.train.forward import TargetLogprobs
+from posttrain.train.tasks.sampling import PromptExample, SamplingTask, model_inputs
+
+
+class RFTTask(SamplingTask):
+    name = "rft"
+    empty_steps_allowed = True  # a round may accept nothing
+    progress = {"accepted": "rft/acceptance_rate"}
+    step_size_formula = "rft.prompts_per_round (default: every training prompt)"
+
+    def __init__(self, recipe, tokenizer):
+        super().__init__(recipe, tokenizer, recipe.rft)
+        self.pool: list[tuple[list[int], list[int]]] | None = None  # this round's (prompt ids, completion ids)
+        self.round_metrics: dict[str, float] = {}
+        self.num_prompts = 0
+
+    @property
+    def steps_per_batch(self) -> int:
+        return self.cfg.steps_per_round
+
+    def build_dataset(self, which: str, quiet: bool = False) -> list[PromptExample]:
+        examples = super().build_dataset(which, quiet)
+        if which == "train":
+            self.num_prompts = len(examples)
+            if self.cfg.hint is not None:
+                for ex in examples:
+                    self.hinted(ex)  # a template that names a missing field fails now, not after a round of sampling
+        return examples
+
+    def examples_per_step(self) -> int:
+        """Prompts per round."""
+        return self.cfg.prompts_per_round or self.num_prompts
+
+    def module(self, model) -> TargetLogprobs:
+        return TargetLogprobs(model, self.recipe.train.logprob_chunk)
+
+    # -- a round's data -----------------------------------------------------------------------------
+    def step_batches(self, step: int, examples: list, module) -> list:
+        spr = self.cfg.steps_per_round
+        if step % spr == 0 or self.pool is None:
+            self.pool = self.collect(step // spr, step, examples)
+        if not self.pool:
+            return []
+        train = self.recipe.train
+        world, rank = self.processes()
+        per_rank = train.batch_size * train.grad_accum
+        chosen = self.pool_indices(step, per_rank * world)[rank * per_rank : (rank + 1) * per_rank]
+        return [self.collate_pool(chosen[lo : lo + train.batch_size]).to(self.device)
+                for lo in range(0, per_rank, train.batch_size)]
+
+    def pool_indices(self, step: int, count: int) -> list[int]:
+        """The pool entries of one step: a seeded permutation of the round's pool, read in order, reshuffled for
+        each pass over it (a function of the step, so a resume continues the round exactly)."""
+        spr, size = self.cfg.steps_per_round, len(self.pool)
+        round_, position = divmod(step, spr)
+        start = position * count
+        out: list[int] = []
+        while len(out) < count:
+            epoch, offset = divmod(start + len(out), size)
+            seed = (self.recipe.train.seed * 1_000_003 + round_) * 1_009 + epoch
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+            out.extend(order[offset : offset + count - len(out)])
+        return out
+
+    def collate_pool(self, indices: list[int]) -> Batch:
+        examples = []
+        for i in indices:
+            prompt, completion = self.pool[i]
+            weights = np.zeros(len(prompt) + len(completion), np.float32)
+            weights[len(prompt):] = 1.0
+            examples.append(TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights, index=i))
+        return collate(examples, self.tokenizer.pad_token_id, self.recipe.train.packing, self.recipe.train.padding_free)
+
+    @torch.no_grad()
+    def collect(self, round_: int, step: int, examples: list) -> list[tuple[list[int], list[int]]]:
+        """Sample, score and filter this round's prompts (each process its share); every process gets the whole
+        kept set, in the same order."""
+        cfg = self.cfg
+        world, rank = self.processes()
+        indices = self.step_indices(round_, len(examples))
+        mine = [(pos, examples[indices[pos]]) for pos in range(rank, len(indices), world)]
+        generated_before, seconds_before = self.backend.stats.tokens, self.backend.stats.seconds
+        kept, stats = self.sample_and_accept(step, mine, hinted=False)
+        unsolved = [(pos, ex) for pos, ex in mine if pos not in kept]
+        hint_stats = {"sampled": 0, "accepted": 0, "solved": 0}
+        if cfg.hint is not None and unsolved:
+            hinted_kept, hint_stats = self.sample_and_accept(step, unsolved, hinted=True)
+            kept.update(hinted_kept)
+        local = {"pool": [pair for pos in sorted(kept) for pair in kept[pos]], "stats": stats, "hint": hint_stats,
+                 "generated": self.backend.stats.tokens - generated_before, "seconds": self.backend.stats.seconds - seconds_before}
+        every = self.gathered(local)
+        pool = [pair for part in every for pair in part["pool"]]
+        total = {key: sum(p["stats"][key] for p in every) for key in stats}
+        hints = {key: sum(p["hint"][key] for p in every) for key in hint_stats}
+        prompts = len(indices)
+        self.round_metrics = {
+            "rft/round": float(round_ + 1),
+            "rft/acceptance_rate": total["accepted"] / max(total["sampled"], 1),
+            "rft/solved_fraction": (total["solved"] + hints["solved"]) / max(prompts, 1),
+            "rft/pool_size": float(len(pool)),
+            "rft/duplicates_dropped": float(total["duplicates"]),
+            "reward/mean": total["reward_sum"] / max(total["sampled"], 1),
+            "time/generate_s": max(p["seconds"] for p in every),
+            "generate/tokens_per_s": sum(p["generated"] for p in every) / max(max(p["seconds"] for p in every), 1e-9),
+        }
+        if cfg.hint is not None:
+            self.round_metrics["rft/hint_solved_fraction"] = hints["solved"] / max(prompts - total["solved"], 1)
+        self.say(f"round {round_ + 1}/{cfg.rounds}: {total['solved']} of {prompts} prompts solved, "
+                 f"{total['accepted']} of {total['sampled']} samples accepted ({self.round_metrics['rft/acceptance_rate']:.1%})"
+                 + (f", {hints['solved']} more solved with the hint" if cfg.hint is not None else "")
+                 + f"; training on {len(pool)} distinct completions")
+        return pool
+
+    def sample_and_accept(self, step: int, prompts: list[tuple[int, PromptExample]], hinted: bool) -> tuple[dict, dict]:
+        """{position: [(prompt ids, completion ids), ...]} of the accepted completions, and counts."""
+        cfg, g = self.cfg, self.recipe.rollout.num_generations
+        flat = [(pos, ex) for pos, ex in prompts for _ in range(g)]
+        seeds = [sample_seed(self.recipe.train.seed, step, pos, k % g + (g if hinted else 0)) for k, (pos, _) in enumerate(flat)]
+        sampled_ids = [self.hinted(ex) if hinted else ex.prompt_ids for _, ex in flat]
+        completions = self.backend.generate(sampled_ids, seeds, self.settings)
+        scores = self.score([ex for _, ex in flat], completions, [pos for pos, _ in flat])
+        for error in scores.errors[:3]:
+            self.say(f"reward error: {error}")
+        kept: dict[int, list] = {}
+        stats = {"sampled": len(flat), "accepted": 0, "solved": 0, "duplicates": 0, "reward_sum": float(sum(scores.total))}
+        for lo in range(0, len(flat), g):
+            pos, ex = flat[lo]
+            group = list(range(lo, lo + g))
+            if cfg.accept == "threshold":
+                accepted = [i for i in group if scores.total[i] >= cfg.threshold]
+            else:
+                accepted = sorted(group, key=lambda i: -scores.total[i])[: cfg.top_k]
+            stats["accepted"] += len(accepted)
+            distinct, seen = [], set()
+            for i in accepted:
+                key = tuple(completions[i].token_ids)
+                if key in seen:
+                    stats["duplicates"] += 1
+                    continue
+                seen.add(key)
+                distinct.append((list(ex.prompt_ids), list(completions[i].token_ids)))
+            distinct = distinct[: cfg.max_per_prompt] if cfg.max_per_prompt else distinct
+            if distinct:
+                kept[pos] = distinct
+                stats["solved"] += 1
+        return kept, stats
+
+    def hinted(self, ex: PromptExample) -> list[int]:
+        """The prompt's token ids with ``rft.hint`` (filled with the record's fields) after the last user turn."""
+        try:
+            hint = self.cfg.hint.format(**ex.columns)
+        except (KeyError, IndexError) as exc:
+            raise UserError(f"rft.hint names a field the records lack: {exc}") from None
+        if self.formatter is None:
+            text = ex.conversation + " " + hint
+        else:
+            messages = [Message(m["role"], [Segment(m["content"])]) for m in ex.conversation]
+            messages[-1] = Message(messages[-1].role, [Segment(messages[-1].content + " " + hint)])
+            text = self.formatter.render(messages, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.recipe.data.max_length:]
+
+    # -- loss -----------------------------------------------------------------------------------------
+    def normalizer(self, batch: Batch) -> float:
+        return float(batch.num_targets)
+
+    def loss(self, module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict]:
+        logps = module(*model_inputs(batch))
+        weights = batch.target_weights.to(logps.dtype)
+        return -(logps * weights).sum() / normalizer, {}
+
+    def step_metrics(self) -> dict[str, float]:
+        return dict(self.round_metrics)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The round's kept completions (a resume mid-round must train on the same ones) and its metrics."""
+        if self.pool is None:
+            return {}
+        pool = self.pool
+        metrics = {f"metrics/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.round_metrics.items()}
+        return {"prompt_lengths": torch.tensor([len(p) for p, _ in pool], dtype=torch.long),
+                "completion_lengths": torch.tensor([len(c) for _, c in pool], dtype=torch.long),
+                "prompt_tokens": torch.tensor([t for p, _ in pool for t in p], dtype=torch.long),
+                "completion_tokens": torch.tensor([t for _, c in pool for t in c], dtype=torch.long), **metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if not len(state["prompt_lengths"]):
+            self.pool = []
+            return
+        prompts = torch.split(state["prompt_tokens"], state["prompt_lengths"].tolist())
+        completions = torch.split(state["completion_tokens"], state["completion_lengths"].tolist())
+        self.pool = [(p.tolist(), c.tolist()) for p, c in zip(prompts, completions)]
+        self.round_metrics = {k.removeprefix("metrics/"): float(v) for k, v in state.items() if k.startswith("metrics/")}
+

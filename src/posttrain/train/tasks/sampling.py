@@ -1,0 +1,169 @@
+"""What every command that learns from the model's own samples shares: prompts as data, a generation backend
+on the trained model, reward functions and reward models, and held-out evaluation of greedy completions.
+
+GRPO / PPO (``grpo.py``, ``ppo.py``) and rejection-sampling fine-tuning (``rft.py``) build on it; their recipe
+section (``cfg``) carries ``reward_workers`` and ``reward_timeout``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data.batching import Batch
+from posttrain.data.formats import RecordChecker
+from posttrain.data.load import split_records
+from posttrain.data.tokenize import ChatFormatter
+from posttrain.evaluate.accuracy import wilson_interval
+from posttrain.rollout.backend import SamplingSettings, TransformersBackend
+from posttrain.train.task import OfflineTask
+
+
+@dataclass
+class PromptExample:
+    index: int
+    prompt_ids: list[int]
+    prompt: str  # what reward functions see
+    columns: dict  # the record's other fields, passed to reward functions by name
+    truncated: bool = False
+    conversation: str | list[dict] = ""  # what reward models see: chat messages, or the raw prompt text
+
+
+class SamplingTask(OfflineTask):
+    """Prompts as examples, a backend that samples from the trained model, rewards that score completions;
+    subclasses decide what is learned from the samples."""
+
+    def __init__(self, recipe, tokenizer, cfg):
+        self.recipe, self.tokenizer, self.cfg = recipe, tokenizer, cfg
+        rollout = recipe.rollout
+        self.settings = SamplingSettings(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k,
+                                         tuple(rollout.stop))
+        self.formatter = ChatFormatter(tokenizer, recipe.data.chat_template) if rollout.chat else None
+        self.runner = None
+
+    # -- data ---------------------------------------------------------------------------------
+    def build_dataset(self, which: str, quiet: bool = False) -> list[PromptExample]:
+        records = split_records(self.recipe, which)
+        examples, truncated = [], 0
+        limit = self.recipe.data.max_length
+        for path, where, record in records:
+            check = RecordChecker(path, where, record)
+            prompt = check.text_or_messages("prompt", "user")
+            if isinstance(prompt, str):
+                text = self.formatter.render([user_message(prompt)], add_generation_prompt=True) if self.formatter else prompt
+                shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
+            else:
+                if self.formatter is None:
+                    raise check.fail("prompt", "a conversation needs rollout.chat: true (a chat template)")
+                text = self.formatter.render(prompt, add_generation_prompt=True)
+                shown = prompt[-1].content
+                conversation = [{"role": m.role, "content": m.content} for m in prompt]
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut = len(ids) > limit
+            truncated += cut
+            columns = {k: v for k, v in record.items() if k != "prompt"}
+            examples.append(PromptExample(len(examples), ids[-limit:], shown, columns, cut, conversation))
+        if records and not quiet:
+            print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)
+        return examples
+
+    # -- set-up -------------------------------------------------------------------------------
+    def setup(self, model, accelerator, train: list, evaluation: list) -> None:
+        from posttrain.rewards.model import RewardModel
+        from posttrain.rewards.runner import RewardRunner
+
+        super().setup(model, accelerator, train, evaluation)
+        self.model = model
+        self.backend = TransformersBackend(model, self.tokenizer, self.recipe.rollout.batch_size)
+        models = [(r.label, r.weight, RewardModel(r.model, self.device, trust_remote_code=self.recipe.trust_remote_code,
+                                                  **r.options))
+                  for r in self.recipe.rewards if r.model is not None]
+        self.runner = RewardRunner([(r.name, r.weight, r.options) for r in self.recipe.rewards if r.model is None],
+                                   self.cfg.reward_workers, self.cfg.reward_timeout, models)
+
+    def after_step(self, model) -> None:
+        self.backend.sync(model)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+    def score(self, prompts: list[PromptExample], completions: list, groups: list[int]):
+        """The reward functions on ``completions`` of ``prompts``, with the records' other fields by name."""
+        columns = {key: [ex.columns.get(key) for ex in prompts] for key in {k for ex in prompts for k in ex.columns}}
+        return self.runner.score([ex.prompt for ex in prompts], [c.text for c in completions], columns, groups,
+                                 [ex.conversation for ex in prompts])
+
+    def gathered(self, mine: dict) -> list[dict]:
+        """Every process's ``mine``, in rank order (a group is never split, but batch statistics are global)."""
+        if self.processes()[0] == 1:
+            return [mine]
+        from accelerate.utils import gather_object
+
+        return gather_object([mine])
+
+    @staticmethod
+    def unwrapped(module):
+        return getattr(module, "module", module)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, module, examples: list) -> dict[str, float]:
+        """Greedy completions of the held-out prompts, scored by the reward functions: the mean summed reward
+        (``eval/reward``) and each function's (``eval/<name>/reward``); where every score is 0 or 1 (a verifier),
+        also the accuracy with its 95% Wilson interval (``eval/accuracy``, ``eval/<name>/accuracy``)."""
+        from posttrain.train.task import sum_over_processes
+
+        world, rank = self.processes()
+        mine = examples[rank::world]
+        greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
+        completions = self.backend.generate([e.prompt_ids for e in mine], [0] * len(mine), greedy) if mine else []
+        scores = self.score(mine, completions, list(range(len(mine))))
+        # the summed reward, and each reward function on its own (a failed score counts 0)
+        parts = {"": scores.total, **{f"{name}/": [v or 0.0 for v in values] for name, values in scores.by_reward.items()}}
+        local = {"n": float(len(mine)), "length": float(sum(len(c.token_ids) for c in completions))}
+        for prefix, values in parts.items():
+            local[f"{prefix}reward"] = float(sum(values))
+            local[f"{prefix}non_binary"] = float(not all(v in (0.0, 1.0) for v in values))
+        sums = sum_over_processes(local, self.accelerator)
+        n = max(sums["n"], 1.0)
+        out = {"eval/completion_length": sums["length"] / n, "eval/n": sums["n"]}
+        for prefix in parts:
+            out[f"eval/{prefix}reward"] = sums[f"{prefix}reward"] / n
+            if not sums[f"{prefix}non_binary"]:  # a verifier: an accuracy, with its interval
+                low, high = wilson_interval(int(sums[f"{prefix}reward"]), int(sums["n"]))
+                out.update({f"eval/{prefix}accuracy": sums[f"{prefix}reward"] / n, f"eval/{prefix}accuracy_ci_low": low,
+                            f"eval/{prefix}accuracy_ci_high": high})
+        return out
+
+    def say(self, message: str) -> None:
+        if self.accelerator is None or self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"posttrain: {message}")
+
+
+@contextmanager
+def eval_mode(module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def model_inputs(batch: Batch) -> tuple:
+    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids
+
+
+def user_message(text: str):
+    from posttrain.data.formats import Message, Segment
+
+    return Message("user", [Segment(text)])
+
+
+def mean_or_zero(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
