@@ -6,8 +6,7 @@ with the current weights, score them, keep those the rewards accept (a verifier'
 top k by a reward model), drop duplicates, and train ``rft.steps_per_round`` steps of SFT (token-mean NLL over
 each step) on the kept ones. With ``rft.hint`` (STaR's rationalization) prompts that no sample solved are
 sampled again with a hint built from the record (its answer), and accepted completions are trained on under
-the original prompt. The kept set of a round is part of the checkpoint, so a resume mid-round trains on the
-same completions.
+the original prompt. Rounds, their pool and its checkpointing are ``rounds.py``'s.
 """
 
 from __future__ import annotations
@@ -21,19 +20,18 @@ from posttrain.data.tokenize import TokenizedExample
 from posttrain.errors import UserError
 from posttrain.rollout.backend import sample_seed
 from posttrain.train.forward import TargetLogprobs
-from posttrain.train.tasks.sampling import PromptExample, SamplingTask, model_inputs
+from posttrain.train.tasks.rounds import PoolTask
+from posttrain.train.tasks.sampling import PromptExample, model_inputs
 
 
-class RFTTask(SamplingTask):
+class RFTTask(PoolTask):
     name = "rft"
-    empty_steps_allowed = True  # a round may accept nothing
     progress = {"accepted": "rft/acceptance_rate"}
     step_size_formula = "rft.prompts_per_round (default: every training prompt)"
+    fields = ("prompt", "completion")
 
     def __init__(self, recipe, tokenizer):
         super().__init__(recipe, tokenizer, recipe.rft)
-        self.pool: list[tuple[list[int], list[int]]] | None = None  # this round's (prompt ids, completion ids)
-        self.round_metrics: dict[str, float] = {}
         self.num_prompts = 0
 
     @property
@@ -57,33 +55,6 @@ class RFTTask(SamplingTask):
         return TargetLogprobs(model, self.recipe.train.logprob_chunk)
 
     # -- a round's data -----------------------------------------------------------------------------
-    def step_batches(self, step: int, examples: list, module) -> list:
-        spr = self.cfg.steps_per_round
-        if step % spr == 0 or self.pool is None:
-            self.pool = self.collect(step // spr, step, examples)
-        if not self.pool:
-            return []
-        train = self.recipe.train
-        world, rank = self.processes()
-        per_rank = train.batch_size * train.grad_accum
-        chosen = self.pool_indices(step, per_rank * world)[rank * per_rank : (rank + 1) * per_rank]
-        return [self.collate_pool(chosen[lo : lo + train.batch_size]).to(self.device)
-                for lo in range(0, per_rank, train.batch_size)]
-
-    def pool_indices(self, step: int, count: int) -> list[int]:
-        """The pool entries of one step: a seeded permutation of the round's pool, read in order, reshuffled for
-        each pass over it (a function of the step, so a resume continues the round exactly)."""
-        spr, size = self.cfg.steps_per_round, len(self.pool)
-        round_, position = divmod(step, spr)
-        start = position * count
-        out: list[int] = []
-        while len(out) < count:
-            epoch, offset = divmod(start + len(out), size)
-            seed = (self.recipe.train.seed * 1_000_003 + round_) * 1_009 + epoch
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-            out.extend(order[offset : offset + count - len(out)])
-        return out
-
     def collate_pool(self, indices: list[int]) -> Batch:
         examples = []
         for i in indices:
@@ -189,30 +160,3 @@ class RFTTask(SamplingTask):
         logps = module(*model_inputs(batch))
         weights = batch.target_weights.to(logps.dtype)
         return -(logps * weights).sum() / normalizer, {}
-
-    def step_metrics(self) -> dict[str, float]:
-        return dict(self.round_metrics)
-
-    # -- state ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The round's kept completions (a resume mid-round must train on the same ones) and its metrics."""
-        if self.pool is None:
-            return {}
-        pool = self.pool
-        metrics = {f"metrics/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.round_metrics.items()}
-        return {"prompt_lengths": torch.tensor([len(p) for p, _ in pool], dtype=torch.long),
-                "completion_lengths": torch.tensor([len(c) for _, c in pool], dtype=torch.long),
-                "prompt_tokens": torch.tensor([t for p, _ in pool for t in p], dtype=torch.long),
-                "completion_tokens": torch.tensor([t for _, c in pool for t in c], dtype=torch.long), **metrics}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if not len(state["prompt_lengths"]):
-            self.pool = []
-            return
-        prompts = torch.split(state["prompt_tokens"], state["prompt_lengths"].tolist())
-        completions = torch.split(state["completion_tokens"], state["completion_lengths"].tolist())
-        self.pool = [(p.tolist(), c.tolist()) for p, c in zip(prompts, completions)]
-        self.round_metrics = {k.removeprefix("metrics/"): float(v) for k, v in state.items() if k.startswith("metrics/")}
-
