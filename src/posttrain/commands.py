@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, PPORecipe, RankRecipe, Recipe, RFTRecipe, SFTRecipe
+from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, OnlineDPORecipe, PPORecipe, RankRecipe, Recipe, RFTRecipe, SFTRecipe
 
 
 @dataclass(frozen=True)
@@ -39,4 +39,7 @@ COMMANDS: dict[str, Command] = {
                    "PPO with a value model: GAE, clipped value loss, KL penalty in the reward, epochs x mini-batches"),
     "rft": Command(RFTRecipe, "posttrain.train.tasks.rft:RFTTask",
                    "rejection-sampling fine-tuning / expert iteration / STaR: sample, keep what the rewards accept, SFT, repeat"),
+    "online-dpo": Command(OnlineDPORecipe, "posttrain.train.tasks.online_dpo:OnlineDPOTask",
+                          "online / iterative DPO: sample pairs from the policy, label them by rewards or an LLM judge, "
+                          "train any pairwise loss"),
 }

@@ -447,6 +447,48 @@ class RFTRecipe(Recipe):
         return self
 
 
+class JudgeConfig(Section):
+    model: str = Field("policy", description="policy (self-rewarding: the model being trained judges) or a causal LM "
+                       "directory / hub id that shares nothing with the policy")
+    template: str | None = Field(None, description="the question put to the judge, with {conversation}, {first} and "
+                                 "{second}; default: posttrain.rewards.judge.TEMPLATE")
+    batch_size: int = Field(8, gt=0, description="judge prompts per forward pass")
+
+
+class OnlineDPOConfig(Section):
+    iterations: int | None = Field(None, gt=0, description="unset: online DPO (fresh pairs from the current policy every "
+                                   "step); K: iterative DPO, K rounds of train.max_steps / K steps, each on a preference "
+                                   "set the policy generated at the round's start")
+    prompts_per_iteration: int | None = Field(None, gt=0, description="iterative: prompts per round (default: all)")
+    judge: JudgeConfig | None = Field(None, description="label pairs with an LLM judge (both answer orders) instead of rewards")
+    reward_workers: int = Field(2, ge=0, description="processes that score completions (0: in the training process)")
+    reward_timeout: float = Field(120.0, gt=0, description="seconds per scoring call before its workers are killed")
+
+
+class OnlineDPORecipe(Recipe):
+    """Online / iterative DPO: sample completions of each prompt, label the best and the worst by the rewards or a
+    judge, train a pairwise loss on them. train.batch_size counts pairs (prompts)."""
+
+    rollout: RolloutConfig = Field(default_factory=lambda: RolloutConfig(num_generations=2))
+    rewards: list[RewardSpec] = Field(default_factory=list, description="reward functions and reward models that label "
+                                      "the pairs (or online.judge)")
+    online: OnlineDPOConfig = Field(default_factory=OnlineDPOConfig)
+    loss: PairwiseLossConfig = Field(default_factory=PairwiseLossConfig)
+    reference: Literal["auto", "policy_copy", "adapter_disabled", "none"] = Field(
+        "auto", description="auto = adapter disabled with PEFT, a frozen copy of the starting policy otherwise")
+
+    @model_validator(mode="after")
+    def _labels_and_steps(self) -> "OnlineDPORecipe":
+        if bool(self.rewards) == (self.online.judge is not None):
+            raise ValueError("online DPO labels pairs with rewards or with online.judge: set exactly one of them")
+        if self.train.max_steps is None:
+            raise ValueError("train.max_steps: online DPO samples as it trains; give the number of optimizer steps")
+        if self.online.iterations and self.train.max_steps % self.online.iterations:
+            raise ValueError(f"train.max_steps ({self.train.max_steps}) must be a multiple of online.iterations "
+                             f"({self.online.iterations})")
+        return self
+
+
 def recipes_dir() -> Path:
     return Path(str(importlib.resources.files("posttrain") / "recipes"))
 
