@@ -205,3 +205,50 @@ def test_wilson_interval_by_hand():
     assert (low, high) == pytest.approx((centre - half, centre + half))
     assert low == pytest.approx(0.0215, abs=1e-4) and high == pytest.approx(0.1684, abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_on_policy_distillation_scores_the_students_own_samples(tiny_model_dir, tmp_path):
+    """GKD with lambda = 1: every completion is the student's sample; with the student as its own teacher (and
+    the teacher's whole vocabulary kept) the forward KL is 0 at the first step, with another teacher it is not."""
+    common = {"sft.loss": "distill", "sft.distill.lmbda": 1.0, "sft.distill.max_new_tokens": 10, "sft.distill.top_k": 1000,
+              "train.max_steps": 2}
+    run_sft(tiny_model_dir, tmp_path / "self", **{**common, "teacher": str(tiny_model_dir)})
+    first = metrics(tmp_path / "self")[0]
+    assert first["distill/on_policy_fraction"] == 1.0 and first["loss"] == pytest.approx(0.0, abs=1e-12)
+    assert not (tmp_path / "self" / "teacher_topk.safetensors").exists()  # the teacher runs live, nothing cached
+    run_sft(tiny_model_dir, tmp_path / "other", **{**common, "teacher": str(second_model(tiny_model_dir, tmp_path, 7))})
+    assert metrics(tmp_path / "other")[0]["loss"] > 0.01
+
+
+def test_on_policy_mixing_leaves_off_policy_examples_as_the_cached_teacher_would(tiny_model_dir, tmp_path):
+    """lambda so small that no example is drawn on-policy: the live teacher gives the cached teacher's loss."""
+    teacher = str(second_model(tiny_model_dir, tmp_path, 7))
+    common = {"sft.loss": "distill", "teacher": teacher, "sft.distill.divergence": "jsd", "sft.distill.top_k": 16}
+    run_sft(tiny_model_dir, tmp_path / "cached", **common)
+    run_sft(tiny_model_dir, tmp_path / "live", **{**common, "sft.distill.lmbda": 1e-9})
+    live = metrics(tmp_path / "live")
+    assert all(m["distill/on_policy_fraction"] == 0.0 for m in live)
+    assert [m["loss"] for m in live] == pytest.approx([m["loss"] for m in metrics(tmp_path / "cached")], abs=1e-9)
+
+
+def test_on_policy_distillation_keeps_accumulation_invariance(tiny_model_dir, tmp_path):
+    teacher = str(second_model(tiny_model_dir, tmp_path, 7))
+    for batch_size, accum in [(8, 1), (2, 4)]:
+        run_sft(tiny_model_dir, tmp_path / f"{batch_size}x{accum}", **{
+            "sft.loss": "distill", "teacher": teacher, "sft.distill.lmbda": 0.5, "sft.distill.max_new_tokens": 8,
+            "sft.distill.divergence": "reverse_kl", "train.batch_size": batch_size, "train.grad_accum": accum})
+    a, b = metrics(tmp_path / "8x1"), metrics(tmp_path / "2x4")
+    assert 0 < a[0]["distill/on_policy_fraction"] < 1
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-9)
+        assert x["distill/on_policy_fraction"] == y["distill/on_policy_fraction"]
+    assert_weights_close(final_weights(tmp_path / "8x1"), final_weights(tmp_path / "2x4"), atol=1e-9)
+
+
+def test_on_policy_distillation_refuses_a_teacher_with_another_tokenizer(tiny_model_dir, tmp_path):
+    teacher = second_model(tiny_model_dir, tmp_path, seed=7)
+    vocab = json.loads((teacher / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["zzz-new"] = len(vocab["model"]["vocab"])
+    (teacher / "tokenizer.json").write_text(json.dumps(vocab))
+    with pytest.raises(UserError, match="different tokenizer"):
+        run_sft(tiny_model_dir, tmp_path / "kd", **{"sft.loss": "distill", "teacher": str(teacher), "sft.distill.lmbda": 0.5})

@@ -132,6 +132,11 @@ class DistillConfig(Section):
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: the mixture weight of the teacher (GKD's beta)")
     top_k: int = Field(64, gt=0, description="teacher tokens kept per position (cached to disk)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student")
+    lmbda: float = Field(0.0, ge=0, le=1, description="GKD's lambda: the fraction of examples whose completion the student "
+                         "samples itself each step (on-policy; the teacher is then kept in memory and scores the "
+                         "student's tokens); the rest keep the dataset's completion")
+    max_new_tokens: int = Field(128, gt=0, description="on-policy: the student's completion length (TRL's GKD default)")
+    sampling_temperature: float = Field(0.9, gt=0, description="on-policy: the student's sampling temperature (TRL's GKD default)")
 
 
 class SFTConfig(Section):

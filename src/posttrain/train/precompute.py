@@ -39,22 +39,28 @@ class TargetTable:
         return torch.zeros(len(self.offsets) - 1, dtype=self.values[name].dtype).index_add(0, owner, self.values[name])
 
 
+def load_frozen(spec: str, recipe, tokenizer, device, name: str):
+    """A frozen auxiliary model (teacher, reference) whose token-level values must line up with the trained model's
+    tokens: refused unless it shares the tokenizer; float64 in fp64 runs, float32 otherwise (autocast does the rest)."""
+    from posttrain.models import load_model, load_tokenizer, resolve_model
+
+    resolved = resolve_model(spec)
+    if load_tokenizer(resolved, recipe.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{name}: {spec} has a different tokenizer than the model being trained; its token-level "
+                        "values would not line up with the training tokens")
+    dtype = torch.float64 if recipe.train.precision == "fp64" else torch.float32
+    return load_model(resolved, recipe.trust_remote_code, dtype).eval().requires_grad_(False).to(device)
+
+
 def compute_targets(spec: str, examples: list, collate: Callable, compute: Callable, recipe, accelerator, tokenizer,
                     name: str, settings: str = "") -> TargetTable:
     """Run the model ``spec`` over ``examples`` (each with ``.index``) once; ``compute(model, batch)`` returns
     per-target tensors [N, ...] for a batch. Cached in ``output_dir/{name}.safetensors``."""
-    from posttrain.models import load_model, load_tokenizer, resolve_model
-
     path = Path(recipe.output_dir) / f"{name}.safetensors"
     counts = torch.tensor([e.num_targets for e in examples])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     with accelerator.main_process_first():
-        resolved = resolve_model(spec)
-        if load_tokenizer(resolved, recipe.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"{name}: {spec} has a different tokenizer than the model being trained; its token-level "
-                            "values would not line up with the training tokens")
-        dtype = torch.float64 if recipe.train.precision == "fp64" else torch.float32
-        model = load_model(resolved, recipe.trust_remote_code, dtype).eval().requires_grad_(False).to(accelerator.device)
+        model = load_frozen(spec, recipe, tokenizer, accelerator.device, name)
         digest = hashlib.sha256(f"{weights_fingerprint(model)}|{recipe.train.precision}|{settings}".encode())
         for example in examples:
             digest.update(example.input_ids.tobytes())

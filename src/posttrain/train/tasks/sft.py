@@ -1,7 +1,8 @@
 """SFT task: records -> weighted token targets -> a registered SFT loss over the target tokens.
 
 Variants (``sft:`` in the recipe): the loss (``nll``, ``dynamic_ft``, ``poft`` against aligned
-reference models, ``distill`` from a teacher's cached top-k), and transforms that combine with any
+reference models, ``distill`` from a teacher's cached top-k, or on-policy as GKD, the teacher scoring
+completions the student samples), and transforms that combine with any
 token-level loss: Masked Thought (masked completion inputs, targets kept), Rho-1 token selection
 (train on the tokens with the highest excess loss over a reference model) and S3FT (the model's own
 correct answers replace gold ones). Every random choice is a function of (seed, step, example), so
@@ -11,6 +12,8 @@ accumulation, process count and resume leave the run unchanged.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,7 +25,7 @@ from posttrain.errors import UserError
 from posttrain.objectives.sft import SFT_LOSSES, poft, select_tokens, selected_count
 from posttrain.ops.distill import target_topk
 from posttrain.train.forward import TargetLogprobs, batch_logprobs, final_hidden_states, per_example_sum
-from posttrain.train.precompute import TargetTable, compute_targets
+from posttrain.train.precompute import TargetTable, compute_targets, load_frozen
 from posttrain.train.task import OfflineTask
 
 
@@ -39,6 +42,9 @@ class SFTTask(OfflineTask):
         self.tables: dict[str, TargetTable] = {}
         self.ref_means: torch.Tensor | None = None  # PoFT: [n, R] mean log-probs of the reference models
         self.mask_id = self.mask_token_id() if self.cfg.mask_ratio else None
+        self.on_policy = self.cfg.loss == "distill" and self.cfg.distill.lmbda > 0
+        self.teacher = None  # on-policy distillation: the teacher model itself (off-policy uses a cached top-k)
+        self.sampled = {"examples": 0.0, "on_policy": 0.0}
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, which: str, quiet: bool = False) -> list[TokenizedExample]:
@@ -77,10 +83,45 @@ class SFTTask(OfflineTask):
         return collate(examples, self.tokenizer.pad_token_id, train.packing, train.padding_free, self.recipe.data.max_length)
 
     def collate_train(self, examples: list[TokenizedExample], step: int) -> Batch:
+        if self.on_policy:
+            examples = self.student_samples(examples, step)
         batch = self.collate(examples)
         if self.cfg.mask_ratio:
             self.mask_inputs(batch, step)
         return batch
+
+    # -- on-policy distillation ----------------------------------------------------------------------
+    def student_samples(self, examples: list[TokenizedExample], step: int) -> list[TokenizedExample]:
+        """GKD (Agarwal et al., 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated
+        Mistakes"): with probability ``lmbda`` (a draw per (seed, step, example)) an example's completion, from its
+        first trained token on, is replaced by one the student samples now; the teacher then scores those tokens."""
+        from posttrain.rollout.backend import SamplingSettings, sample_seed
+
+        d, seed = self.cfg.distill, self.recipe.train.seed
+        chosen = [i for i, e in enumerate(examples)
+                  if torch.rand(1, generator=torch.Generator().manual_seed(sample_seed(seed, step, e.index, 1)),
+                                dtype=torch.float64).item() < d.lmbda]
+        self.sampled["examples"] += len(examples)
+        self.sampled["on_policy"] += len(chosen)
+        if not chosen:
+            return examples
+        prompts = [examples[i].input_ids[: int(np.argmax(examples[i].weights > 0))].tolist() for i in chosen]
+        settings = SamplingSettings(d.max_new_tokens, d.sampling_temperature)
+        completions = self.backend.generate(prompts, [sample_seed(seed, step, examples[i].index, 0) for i in chosen], settings)
+        out = list(examples)
+        for i, prompt, completion in zip(chosen, prompts, completions):
+            ids = prompt + completion.token_ids
+            weights = np.zeros(len(ids), np.float32)
+            weights[len(prompt):] = 1.0
+            out[i] = TokenizedExample(np.array(ids, dtype=np.int64), weights, index=examples[i].index)
+        return out
+
+    def step_metrics(self) -> dict[str, float]:
+        if not self.on_policy:
+            return {}
+        fraction = self.sampled["on_policy"] / max(self.sampled["examples"], 1.0)
+        self.sampled = {"examples": 0.0, "on_policy": 0.0}
+        return {"distill/on_policy_fraction": fraction}
 
     # -- Masked Thought -------------------------------------------------------------------------
     def mask_token_id(self) -> int:
@@ -109,7 +150,7 @@ class SFTTask(OfflineTask):
 
     # -- models computed once over the training data ------------------------------------------
     def module(self, model) -> TargetLogprobs:
-        distill = self.cfg.distill.model_dump(exclude={"top_k"}) if self.cfg.loss == "distill" else None
+        distill = self.cfg.distill.model_dump(include={"divergence", "jsd_beta", "temperature"}) if self.cfg.loss == "distill" else None
         return TargetLogprobs(model, self.recipe.train.logprob_chunk, distill=distill)
 
     def setup(self, model, accelerator, train: list[TokenizedExample], evaluation: list) -> None:
@@ -125,7 +166,12 @@ class SFTTask(OfflineTask):
             means = [compute_targets(spec, *args, name=f"poft_reference_{r}").per_example("logps").double() / counts
                      for r, spec in enumerate(self.cfg.references)]
             self.ref_means = torch.stack(means, 1)
-        if self.cfg.loss == "distill":
+        if self.on_policy:
+            from posttrain.rollout.backend import TransformersBackend
+
+            self.teacher = load_frozen(self.recipe.teacher, self.recipe, self.tokenizer, accelerator.device, "teacher")
+            self.backend = TransformersBackend(model, self.tokenizer, self.recipe.train.batch_size)
+        elif self.cfg.loss == "distill":
             d = self.cfg.distill
             self.tables["teacher"] = compute_targets(self.recipe.teacher, train, self.collate, self.teacher_topk, self.recipe,
                                                      accelerator, self.tokenizer, name="teacher_topk",
@@ -174,7 +220,7 @@ class SFTTask(OfflineTask):
         return float(batch.num_targets)
 
     def loss(self, module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict]:
-        teacher = self.tables["teacher"].for_batch(batch) if "teacher" in self.tables else {}
+        teacher = self.teacher_targets(batch)
         out = module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids,
                      teacher.get("ids"), teacher.get("logps"))
         logps, divergence = out if teacher else (out, None)
@@ -199,6 +245,13 @@ class SFTTask(OfflineTask):
             metrics["selection/excess_loss"] = (float((excess * keep).sum()), float(keep.sum()))
         return (per_token * weights).sum() / normalizer, metrics
 
+    def teacher_targets(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The teacher's top-k at the batch's targets: from the cache, or (on-policy) computed now."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                return self.teacher_topk(self.teacher, batch)
+        return self.tables["teacher"].for_batch(batch) if "teacher" in self.tables else {}
+
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def eval_sums(self, module, batch: Batch) -> dict[str, float]:
@@ -214,3 +267,4 @@ class SFTTask(OfflineTask):
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         targets = max(sums["targets"], 1.0)
         return {"eval/loss": sums["weighted_nll"] / targets, "eval/ppl": math.exp(min(sums["nll"] / targets, 50.0))}
+
