@@ -274,6 +274,14 @@ class RolloutConfig(Section):
     batch_size: int = Field(64, gt=0, description="sequences per generate call")
     backend: Literal["transformers"] = Field("transformers", description="generation backend (HF generate, KV cache)")
     chat: bool = Field(True, description="render prompts with the chat template (false: raw text prompts)")
+    tool: Literal["none", "python"] = Field("none", description="python: the model may run code between turns "
+                                            "(<python>...</python>, output shown as <output>...</output>, no loss on it)")
+    max_tool_calls: int = Field(2, ge=1, description="tool calls per completion at most")
+    tool_timeout: float = Field(5.0, gt=0, description="seconds per tool call (the sandbox kills it after)")
+    tool_unsandboxed: bool = Field(False, description="run tool code with resource limits only where the sandbox cannot "
+                                   "isolate it (no network / filesystem isolation: opt in knowingly)")
+    tool_instructions: str | None = Field(None, description="how the tool is explained to the model, as a system message "
+                                          "(default: posttrain.rollout.tools.INSTRUCTIONS)")
 
 
 class RewardSpec(Section):

@@ -37,6 +37,13 @@ class Completion:
     sampler_logps: list[float]  # log pi_sampler(token) at the sampling temperature, one per token
     truncated: bool  # stopped by max_new_tokens, not by EOS or a stop string
     text: str = ""
+    mask: list[int] | None = None  # with tool calls: 1 for the model's tokens, 0 for tool output (None: all the model's)
+    tool_calls: int = 0
+
+    @property
+    def model_tokens(self) -> int:
+        """Tokens the model generated (the ones with sampler log-probs, and a loss)."""
+        return len(self.token_ids) if self.mask is None else sum(self.mask)
 
 
 @dataclass

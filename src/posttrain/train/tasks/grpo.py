@@ -33,7 +33,8 @@ from posttrain.train.tasks.sampling import PromptExample, SamplingTask, eval_mod
 
 @dataclass
 class Rollouts:
-    """This process's completions of one step, completion by completion; per-token tensors are flat [N]."""
+    """This process's completions of one step, completion by completion; per-token tensors are flat [N] over the
+    tokens the model generated (with a tool, its output tokens are context: in ``completion_ids``, masked out)."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
@@ -44,6 +45,7 @@ class Rollouts:
     ref_logps: torch.Tensor | None = None  # [N], with the KL in the loss
     values: torch.Tensor | None = None  # [N], PPO: the value model's estimates at sampling time
     returns: torch.Tensor | None = None  # [N], PPO: the value targets
+    masks: list[list[int]] | None = None  # with a tool: per completion token, 1 = the model's, 0 = tool output
 
     OPTIONAL = ("old_logps", "ref_logps", "values", "returns")
 
@@ -54,15 +56,25 @@ class Rollouts:
                "completion_tokens": torch.tensor([t for c in self.completion_ids for t in c], dtype=torch.long),
                "active": self.active, "advantages": self.advantages, "sampler_logps": self.sampler_logps}
         out.update({k: v for k in self.OPTIONAL if (v := getattr(self, k)) is not None})
+        if self.masks is not None:
+            out["completion_mask"] = torch.tensor([t for m in self.masks for t in m], dtype=torch.long)
         return out
+
+    def mask(self, i: int) -> list[int]:
+        return self.masks[i] if self.masks is not None else [1] * len(self.completion_ids[i])
+
+    def model_tokens(self) -> list[int]:
+        """Per completion, the tokens the model generated (the per-token tensors' entries)."""
+        return [sum(m) for m in self.masks] if self.masks is not None else [len(c) for c in self.completion_ids]
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Rollouts":
         def split(flat, lengths):
             return [chunk.tolist() for chunk in torch.split(flat, lengths.tolist())]
 
+        masks = split(t["completion_mask"], t["completion_lengths"]) if "completion_mask" in t else None
         return cls(split(t["prompt_tokens"], t["prompt_lengths"]), split(t["completion_tokens"], t["completion_lengths"]),
-                   t["active"], t["advantages"], t["sampler_logps"], **{k: t.get(k) for k in cls.OPTIONAL})
+                   t["active"], t["advantages"], t["sampler_logps"], **{k: t.get(k) for k in cls.OPTIONAL}, masks=masks)
 
 
 @dataclass
@@ -242,17 +254,20 @@ class GRPOTask(SamplingTask):
         """Sample and score this step's groups, then compute their advantages over all processes."""
         cfg = self.cfg
         gen_before, gen_tokens_before = self.backend.stats.seconds, self.backend.stats.tokens
+        tool_errors_before = getattr(self.backend, "errors", 0)
         sampled = self.sample_groups(step, examples)
         flat, completions = sampled.flat, sampled.completions
         prompt_ids = [ex.prompt_ids for _, ex in flat]
         completion_ids = [c.token_ids for c in completions]
-        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.long)
+        masks = [c.mask or [1] * len(c.token_ids) for c in completions] if any(c.mask for c in completions) else None
+        lengths = torch.tensor([c.model_tokens for c in completions], dtype=torch.long)
         token_seq = torch.repeat_interleave(torch.arange(len(completion_ids)), lengths)
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
         active = ~truncated if cfg.overlong_filter else torch.ones(len(completions), dtype=torch.bool)
         sampler_logps = torch.tensor([x for c in completions for x in c.sampler_logps], dtype=torch.float64)
         policy_logps, ref_logps, values = self.rollout_logps(Rollouts(prompt_ids, completion_ids, active,
-                                                                      torch.zeros(len(token_seq)), sampler_logps), module)
+                                                                      torch.zeros(len(token_seq)), sampler_logps, masks=masks),
+                                                             module)
         kl_values = kl_estimate(policy_logps, ref_logps, cfg.kl_estimator) if cfg.kl_coef and cfg.kl_in == "reward" else None
         baselines = None
         if "greedy_baseline" in self.needs:
@@ -264,7 +279,8 @@ class GRPOTask(SamplingTask):
                 "values": values,
                 "penalty": -cfg.kl_coef * kl_values if kl_values is not None else torch.zeros(len(token_seq), dtype=torch.float64),
                 "generated": self.backend.stats.tokens - gen_tokens_before, "generate_s": self.backend.stats.seconds - gen_before,
-                **sampled.counts()}
+                "tool_calls": torch.tensor([c.tool_calls for c in completions], dtype=torch.long),
+                "tool_errors": getattr(self.backend, "errors", 0) - tool_errors_before, **sampled.counts()}
         every = self.gathered(mine)
         advantage, returns = self.global_advantages(every)
         self.last_metrics = self.rollout_metrics(every)
@@ -272,7 +288,7 @@ class GRPOTask(SamplingTask):
             return self.placeholder(*sampled.spare)
         return Rollouts(prompt_ids, completion_ids, active, advantage, sampler_logps,
                         policy_logps if self.reuses_rollouts else None,
-                        ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None, values, returns)
+                        ref_logps if cfg.kl_coef and cfg.kl_in == "loss" else None, values, returns, masks)
 
     @staticmethod
     def placeholder(flat: list, completions: list) -> Rollouts:
@@ -280,9 +296,10 @@ class GRPOTask(SamplingTask):
         each process must run a backward pass for the gradients to be reduced across processes. It takes no
         part in the advantages or metrics."""
         sampler_logps = torch.tensor([x for c in completions for x in c.sampler_logps], dtype=torch.float64)
+        masks = [c.mask or [1] * len(c.token_ids) for c in completions] if any(c.mask for c in completions) else None
         return Rollouts([ex.prompt_ids for _, ex in flat], [c.token_ids for c in completions],
                         torch.zeros(len(completions), dtype=torch.bool), torch.zeros(len(sampler_logps), dtype=torch.float64),
-                        sampler_logps)
+                        sampler_logps, masks=masks)
 
     def sample_groups(self, step: int, examples: list) -> "Sampled":
         """This process's groups of the step, scored; with DAPO's dynamic sampling only groups whose rewards vary,
@@ -371,6 +388,11 @@ class GRPOTask(SamplingTask):
             "time/generate_s": seconds["generate_s"], "time/reward_s": seconds["reward_s"],
             "generate/tokens_per_s": sum(p["generated"] for p in every) / max(seconds["generate_s"], 1e-9),
         }
+        if self.recipe.rollout.tool != "none":
+            calls = cat("tool_calls").double()
+            metrics.update({"tools/calls_per_completion": mean_or_zero(calls.tolist()),
+                            "tools/call_rate": mean_or_zero((calls > 0).double().tolist()),
+                            "tools/error_fraction": sum(p["tool_errors"] for p in every) / max(float(calls.sum()), 1.0)})
         for name in every[0]["by_reward"]:
             metrics[f"reward/{name}/mean"] = mean_or_zero([v for p in every for v in p["by_reward"][name] if v is not None])
             metrics[f"reward/{name}/failed"] = float(sum(p["failed"][name] for p in every))
@@ -397,12 +419,14 @@ class GRPOTask(SamplingTask):
         for i in members:
             prompt, completion = rollouts.prompt_ids[i], rollouts.completion_ids[i]
             weights = np.zeros(len(prompt) + len(completion), np.float32)
-            weights[len(prompt):] = 1.0
+            weights[len(prompt):] = rollouts.mask(i)  # tool output tokens are context, not targets
             examples.append(TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights, index=i))
         train = self.recipe.train
         batch = collate(examples, self.tokenizer.pad_token_id, train.packing, train.padding_free)
-        lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in members])
-        starts = torch.tensor([sum(len(c) for c in rollouts.completion_ids[:i]) for i in members])
+        counts = rollouts.model_tokens()
+        offsets = np.cumsum([0] + counts)
+        lengths = torch.tensor([counts[i] for i in members])
+        starts = torch.tensor([int(offsets[i]) for i in members])
         order = starts[batch.target_example] + batch.target_rank  # each target's place in the rollout's flat tensors
         local = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), lengths[:-1]]), 0)[batch.target_example] + batch.target_rank
         active = rollouts.active[members]

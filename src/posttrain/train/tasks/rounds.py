@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.errors import UserError
 from posttrain.train.tasks.sampling import SamplingTask
 
 
@@ -20,6 +21,8 @@ class PoolTask(SamplingTask):
 
     def __init__(self, recipe, tokenizer, cfg):
         super().__init__(recipe, tokenizer, cfg)
+        if recipe.rollout.tool != "none":
+            raise UserError("rollout.tool: tool-using rollouts train with grpo or ppo (their loss masks the tool's output)")
         self.pool: list[tuple[list[int], ...]] | None = None
         self.round_metrics: dict[str, float] = {}
 

@@ -16,6 +16,7 @@ from posttrain.data.batching import Batch
 from posttrain.data.formats import RecordChecker
 from posttrain.data.load import split_records
 from posttrain.data.tokenize import ChatFormatter
+from posttrain.errors import UserError
 from posttrain.evaluate.accuracy import wilson_interval
 from posttrain.rollout.backend import SamplingSettings, TransformersBackend
 from posttrain.train.task import OfflineTask
@@ -50,7 +51,7 @@ class SamplingTask(OfflineTask):
         limit = self.recipe.data.max_length
         for path, where, record in records:
             check = RecordChecker(path, where, record)
-            prompt = check.text_or_messages("prompt", "user")
+            prompt = self.with_tool_instructions(check.text_or_messages("prompt", "user"))
             if isinstance(prompt, str):
                 text = self.formatter.render([user_message(prompt)], add_generation_prompt=True) if self.formatter else prompt
                 shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
@@ -69,6 +70,21 @@ class SamplingTask(OfflineTask):
             print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)
         return examples
 
+    def with_tool_instructions(self, prompt):
+        """With a tool, its instructions come first: a system message (chat), or the first paragraph (raw text)."""
+        if self.recipe.rollout.tool == "none":
+            return prompt
+        from posttrain.data.formats import Message, Segment
+        from posttrain.rollout.tools import INSTRUCTIONS
+
+        instructions = self.recipe.rollout.tool_instructions or INSTRUCTIONS
+        if isinstance(prompt, str) and self.formatter is None:
+            return instructions + "\n\n" + prompt
+        messages = [user_message(prompt)] if isinstance(prompt, str) else list(prompt)
+        if messages[0].role == "system":
+            return [Message("system", [Segment(instructions + "\n\n" + messages[0].content)]), *messages[1:]]
+        return [Message("system", [Segment(instructions)]), *messages]
+
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
         from posttrain.rewards.model import RewardModel
@@ -76,12 +92,27 @@ class SamplingTask(OfflineTask):
 
         super().setup(model, accelerator, train, evaluation)
         self.model = model
-        self.backend = TransformersBackend(model, self.tokenizer, self.recipe.rollout.batch_size)
+        self.backend = self.generation_backend(model)
         models = [(r.label, r.weight, RewardModel(r.model, self.device, trust_remote_code=self.recipe.trust_remote_code,
                                                   **r.options))
                   for r in self.recipe.rewards if r.model is not None]
         self.runner = RewardRunner([(r.name, r.weight, r.options) for r in self.recipe.rewards if r.model is None],
                                    self.cfg.reward_workers, self.cfg.reward_timeout, models)
+
+    def generation_backend(self, model):
+        rollout = self.recipe.rollout
+        backend = TransformersBackend(model, self.tokenizer, rollout.batch_size)
+        if rollout.tool == "none":
+            return backend
+        from posttrain.rewards.sandbox import Limits, isolation_prefix
+        from posttrain.rollout.tools import ToolUse
+
+        if not rollout.tool_unsandboxed and not isolation_prefix():
+            raise UserError("rollout.tool: python runs model-written code, and this machine cannot isolate it (util-linux "
+                            "unshare with network, PID and mount namespaces is needed); set rollout.tool_unsandboxed: true "
+                            "to run it with resource limits only")
+        limits = Limits(wall_seconds=rollout.tool_timeout, cpu_seconds=max(1, int(rollout.tool_timeout)), memory_mb=512)
+        return ToolUse(backend, self.tokenizer, rollout.max_tool_calls, limits, rollout.tool_unsandboxed)
 
     def after_step(self, model) -> None:
         self.backend.sync(model)
@@ -123,13 +154,16 @@ class SamplingTask(OfflineTask):
         scores = self.score(mine, completions, list(range(len(mine))))
         # the summed reward, and each reward function on its own (a failed score counts 0)
         parts = {"": scores.total, **{f"{name}/": [v or 0.0 for v in values] for name, values in scores.by_reward.items()}}
-        local = {"n": float(len(mine)), "length": float(sum(len(c.token_ids) for c in completions))}
+        local = {"n": float(len(mine)), "length": float(sum(len(c.token_ids) for c in completions)),
+                 "tool_users": float(sum(c.tool_calls > 0 for c in completions))}
         for prefix, values in parts.items():
             local[f"{prefix}reward"] = float(sum(values))
             local[f"{prefix}non_binary"] = float(not all(v in (0.0, 1.0) for v in values))
         sums = sum_over_processes(local, self.accelerator)
         n = max(sums["n"], 1.0)
         out = {"eval/completion_length": sums["length"] / n, "eval/n": sums["n"]}
+        if self.recipe.rollout.tool != "none":
+            out["eval/tool_call_rate"] = sums["tool_users"] / n
         for prefix in parts:
             out[f"eval/{prefix}reward"] = sums[f"{prefix}reward"] / n
             if not sums[f"{prefix}non_binary"]:  # a verifier: an accuracy, with its interval
