@@ -268,6 +268,21 @@ def test_shipped_arithmetic_files_are_the_generator_output_and_never_overlap():
     assert {op: sum(f" {op} " in r["prompt"] for r in evaluation) for op in "+-*"} == {"+": 67, "-": 67, "*": 66}
 
 
+def test_shipped_large_number_files_are_the_generator_output_and_never_overlap():
+    import json
+    from importlib import resources
+
+    from posttrain.data.arithmetic import large_split
+
+    assets = resources.files("posttrain") / "assets"
+    train, evaluation = large_split()
+    assert [json.loads(line) for line in (assets / "arithmetic_large_train.jsonl").read_text().splitlines()] == train
+    assert [json.loads(line) for line in (assets / "arithmetic_large_eval_200.jsonl").read_text().splitlines()] == evaluation
+    assert len(train) == 1200 and len(evaluation) == 200 and not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    for record in train + evaluation:
+        assert str(eval(record["prompt"].removeprefix("What is ").rstrip("?"))) == record["answer"]  # noqa: S307
+
+
 def test_gsm8k_recipe_runs_with_tiny_settings(tiny_model_dir, tmp_path):
     """The GPU recipe as shipped (bf16 autocast, gradient checkpointing, two rewards in worker processes),
     shrunk to the tiny model and one step."""

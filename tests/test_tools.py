@@ -136,3 +136,20 @@ def test_pool_commands_refuse_the_tool(tiny_model_dir, tmp_path):
 
     with pytest.raises(UserError, match="grpo or ppo"):
         run_command("rft", tiny_model_dir, tmp_path, **{"rollout.tool": "python", "train.max_steps": "null"})
+
+
+def test_few_shot_turns_come_after_the_system_message(tiny_model_dir, tmp_path, tiny_tokenizer):
+    from posttrain.config import load_recipe
+    from posttrain.errors import UserError
+    from posttrain.train.tasks.grpo import GRPOTask
+
+    from helpers import tiny_recipe
+
+    shots = '[{role: user, content: "Compute 1 + 1."}, {role: assistant, content: "<python>print(1 + 1)</python>"}]'
+    recipe = load_recipe("grpo", None, tiny_recipe(tiny_model_dir, tmp_path, **{"rollout.tool": "python",
+                                                                               "rollout.few_shot": shots}))
+    example = GRPOTask(recipe, tiny_tokenizer).build_dataset("train", quiet=True)[0]
+    assert [m["role"] for m in example.conversation] == ["system", "user", "assistant", "user"]
+    assert example.conversation[1]["content"] == "Compute 1 + 1." and example.prompt != "Compute 1 + 1."
+    with pytest.raises(UserError, match="few_shot"):
+        load_recipe("grpo", None, tiny_recipe(tiny_model_dir, tmp_path, **{"rollout.few_shot": '[{role: system, content: x}]'}))

@@ -282,6 +282,17 @@ class RolloutConfig(Section):
                                    "isolate it (no network / filesystem isolation: opt in knowingly)")
     tool_instructions: str | None = Field(None, description="how the tool is explained to the model, as a system message "
                                           "(default: posttrain.rollout.tools.INSTRUCTIONS)")
+    few_shot: list[dict[str, str]] = Field(default_factory=list, description="conversation turns ({role, content}) put "
+                                           "before every prompt: worked examples (chat prompts only)")
+
+    @model_validator(mode="after")
+    def _few_shot_turns(self) -> "RolloutConfig":
+        for turn in self.few_shot:
+            if set(turn) != {"role", "content"} or turn["role"] not in ("user", "assistant"):
+                raise ValueError(f"rollout.few_shot: each turn is {{role: user | assistant, content: ...}}, got {turn}")
+        if self.few_shot and not self.chat:
+            raise ValueError("rollout.few_shot needs rollout.chat: true (turns of a conversation)")
+        return self
 
 
 class RewardSpec(Section):

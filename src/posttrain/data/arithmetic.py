@@ -4,7 +4,8 @@ Problems are ``a + b`` and ``a - b`` (a two-digit, b one-digit) and ``a * b`` (a
 asked as "What is a op b? Answer with the number only."; the record's ``answer`` is the exact result,
 scored by the ``math_answer`` reward. The problem space is enumerated and split once, by a fixed seed,
 into a held-out set and a training set that never share a problem; ``python -m posttrain.data.arithmetic``
-rewrites the shipped files (``assets/arithmetic_{train,eval_200}.jsonl``) identically.
+rewrites the shipped files (``assets/arithmetic_{train,eval_200}.jsonl``) identically, and the files of the
+tool-use recipe with large numbers (``assets/arithmetic_large_{train,eval_200}.jsonl``, :func:`large_split`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,35 @@ def split(held_out: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, evaluation
 
 
+LARGE = {
+    "+": (range(10_000, 100_000), range(10_000, 100_000), lambda a, b: a + b),
+    "-": (range(10_000, 100_000), range(1_000, 10_000), lambda a, b: a - b),
+    "*": (range(100, 1_000), range(100, 1_000), lambda a, b: a * b),
+}
+
+
+def large_split(train_size: int = 1200, held_out: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, eval) of problems with large numbers (five-digit sums and differences, three-digit products) that the
+    135M model cannot do in its head but a Python tool can: drawn by ``seed``, an equal share per operation, no
+    problem in both."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    records: dict[str, list[dict]] = {op: [] for op in LARGE}
+    per_op = (train_size + held_out) // len(LARGE) + 1
+    for op, (left, right, fn) in LARGE.items():
+        while len(records[op]) < per_op:
+            a, b = rng.choice(left), rng.choice(right)
+            prompt = f"What is {a} {op} {b}?"
+            if prompt not in seen:
+                seen.add(prompt)
+                records[op].append({"prompt": prompt, "answer": str(fn(a, b))})
+    evaluation = [r for i, op in enumerate(LARGE) for r in records[op][: held_out // len(LARGE) + (i < held_out % len(LARGE))]]
+    train = [r for i, op in enumerate(LARGE) for r in records[op][held_out // len(LARGE) + (i < held_out % len(LARGE)):]]
+    rng.shuffle(train)
+    rng.shuffle(evaluation)
+    return train[:train_size], evaluation
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
@@ -50,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     train, evaluation = split(args.held_out, args.seed)
-    for name, records in (("arithmetic_train.jsonl", train), (f"arithmetic_eval_{args.held_out}.jsonl", evaluation)):
+    large_train, large_eval = large_split(held_out=args.held_out, seed=args.seed)
+    for name, records in (("arithmetic_train.jsonl", train), (f"arithmetic_eval_{args.held_out}.jsonl", evaluation),
+                          ("arithmetic_large_train.jsonl", large_train),
+                          (f"arithmetic_large_eval_{args.held_out}.jsonl", large_eval)):
         (args.out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"{args.out / name}: {len(records)} problems")
 

@@ -51,7 +51,7 @@ class SamplingTask(OfflineTask):
         limit = self.recipe.data.max_length
         for path, where, record in records:
             check = RecordChecker(path, where, record)
-            prompt = self.with_tool_instructions(check.text_or_messages("prompt", "user"))
+            prompt = self.with_context(check.text_or_messages("prompt", "user"))
             if isinstance(prompt, str):
                 text = self.formatter.render([user_message(prompt)], add_generation_prompt=True) if self.formatter else prompt
                 shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
@@ -70,20 +70,25 @@ class SamplingTask(OfflineTask):
             print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)
         return examples
 
-    def with_tool_instructions(self, prompt):
-        """With a tool, its instructions come first: a system message (chat), or the first paragraph (raw text)."""
-        if self.recipe.rollout.tool == "none":
+    def with_context(self, prompt):
+        """The prompt with what the recipe puts before it: the tool's instructions (a system message, or the first
+        paragraph of a raw-text prompt) and few-shot turns (after any system message)."""
+        rollout = self.recipe.rollout
+        if rollout.tool == "none" and not rollout.few_shot:
             return prompt
         from posttrain.data.formats import Message, Segment
         from posttrain.rollout.tools import INSTRUCTIONS
 
-        instructions = self.recipe.rollout.tool_instructions or INSTRUCTIONS
+        instructions = (rollout.tool_instructions or INSTRUCTIONS) if rollout.tool != "none" else None
         if isinstance(prompt, str) and self.formatter is None:
             return instructions + "\n\n" + prompt
         messages = [user_message(prompt)] if isinstance(prompt, str) else list(prompt)
-        if messages[0].role == "system":
-            return [Message("system", [Segment(instructions + "\n\n" + messages[0].content)]), *messages[1:]]
-        return [Message("system", [Segment(instructions)]), *messages]
+        system = [messages.pop(0)] if messages[0].role == "system" else []
+        if instructions is not None:
+            text = instructions + ("\n\n" + system[0].content if system else "")
+            system = [Message("system", [Segment(text)])]
+        shots = [Message(turn["role"], [Segment(turn["content"])]) for turn in rollout.few_shot]
+        return [*system, *shots, *messages]
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
