@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from posttrain.errors import UserError
 
@@ -272,7 +272,10 @@ class RolloutConfig(Section):
     top_k: int | None = Field(None, gt=0, description="sample among the k most likely tokens")
     stop: list[str] = Field(default_factory=list, description="stop strings: a completion ends after the first one")
     batch_size: int = Field(64, gt=0, description="sequences per generate call")
-    backend: Literal["transformers"] = Field("transformers", description="generation backend (HF generate, KV cache)")
+    engine: Literal["transformers", "vllm"] = Field("transformers", validation_alias=AliasChoices("engine", "backend"),
+                                                    description="transformers: HF generate on the trained model; vllm: a "
+                                                    "vLLM server (own environment, see README), weights pushed after updates")
+    vllm_url: str = Field("http://127.0.0.1:8011", description="engine vllm: the server's address")
     chat: bool = Field(True, description="render prompts with the chat template (false: raw text prompts)")
     tool: Literal["none", "python"] = Field("none", description="python: the model may run code between turns "
                                             "(<python>...</python>, output shown as <output>...</output>, no loss on it)")

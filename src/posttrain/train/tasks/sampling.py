@@ -106,7 +106,16 @@ class SamplingTask(OfflineTask):
 
     def generation_backend(self, model):
         rollout = self.recipe.rollout
-        backend = TransformersBackend(model, self.tokenizer, rollout.batch_size)
+        if rollout.engine == "vllm":
+            from pathlib import Path
+
+            from posttrain.rollout.vllm_client import VLLMBackend
+
+            if self.processes()[0] > 1:
+                raise UserError("rollout.engine: vllm serves one training process; use transformers with several")
+            backend = VLLMBackend(model, self.tokenizer, rollout.vllm_url, Path(self.recipe.output_dir))
+        else:
+            backend = TransformersBackend(model, self.tokenizer, rollout.batch_size)
         if rollout.tool == "none":
             return backend
         from posttrain.rewards.sandbox import Limits, isolation_prefix
