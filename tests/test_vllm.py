@@ -133,11 +133,20 @@ def test_real_vllm_server_samples_from_the_pushed_weights(tiny_model_dir, tmp_pa
 
     from posttrain.models import load_model, load_tokenizer
 
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "model"  # vLLM's CPU attention needs a head size of at least 32: heads of 64 here
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                 tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=1)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     src = str(Path(__file__).resolve().parents[1] / "src")
-    server = subprocess.Popen([vllm_python(), "-m", "posttrain.rollout.vllm_server", "--model", str(tiny_model_dir),
+    server = subprocess.Popen([vllm_python(), "-m", "posttrain.rollout.vllm_server", "--model", str(model_dir),
                                "--dtype", "float32", "--port", str(port), "--max-model-len", "512"],
                               env={**os.environ, "PYTHONPATH": src, "VLLM_CPU_KVCACHE_SPACE": "1"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,13 +159,13 @@ def test_real_vllm_server_samples_from_the_pushed_weights(tiny_model_dir, tmp_pa
             except OSError:
                 assert server.poll() is None, "the vLLM server exited"
                 time.sleep(1)
-        run_command("grpo", tiny_model_dir, tmp_path, **{
+        run_command("grpo", model_dir, tmp_path / "run", **{
             "rollout.engine": "vllm", "rollout.vllm_url": url, "rollout.num_generations": 4, "rollout.max_new_tokens": 12,
             "rewards": "[{name: length, options: {per: 10}}]", "rl.reward_workers": 0, "train.max_steps": 3,
             "peft.method": "lora", "train.lr": 5e-2, "train.precision": "fp32"})
-        assert max(m["policy/sampler_mismatch"] for m in metrics(tmp_path)) < 1e-3
-        tokenizer = load_tokenizer(str(tiny_model_dir))
-        policy = load_model(str(tmp_path / "final"))
+        assert max(m["policy/sampler_mismatch"] for m in metrics(tmp_path / "run")) < 1e-3
+        tokenizer = load_tokenizer(str(model_dir))
+        policy = load_model(str(tmp_path / "run" / "final"))
         prompts = [tokenizer("What is 2 + 2?")["input_ids"], tokenizer("Name a colour.")["input_ids"]]
         greedy = SamplingSettings(max_new_tokens=10, temperature=0.0)
         served = VLLMBackend(policy, tokenizer, url, tmp_path).generate(prompts, [0, 0], greedy)
