@@ -476,7 +476,7 @@ class RFTRecipe(Recipe):
 
 class JudgeConfig(Section):
     model: str = Field("policy", description="policy (self-rewarding: the model being trained judges) or a causal LM "
-                       "directory / hub id that shares nothing with the policy")
+                       "directory / hub id (its own tokenizer and chat template; it need not share the policy's)")
     template: str | None = Field(None, description="the question put to the judge, with {conversation}, {first} and "
                                  "{second}; default: posttrain.rewards.judge.TEMPLATE")
     batch_size: int = Field(8, gt=0, description="judge prompts per forward pass")
