@@ -173,3 +173,27 @@ def test_malformed_preference_data_exits_2(tiny_model_dir, tmp_path, command, re
     result = posttrain(command, str(write_min_recipe(tmp_path, tiny_model_dir, data)))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{data}, line 1: field '{field}'" in result.stderr
+
+
+@pytest.mark.parametrize("command, overrides, message", [
+    ("grpo", {"rollout.tool_timeout": 3}, "tool settings"),
+    ("grpo", {"rollout.vllm_url": "http://x:1"}, "rollout.engine: vllm"),
+    ("sft", {"sft.loss": "distill", "teacher": "t", "sft.distill.max_new_tokens": 64}, "lmbda"),
+    ("rft", {"rft.top_k": 2}, "rft.accept: threshold"),
+    ("rft", {"rft.accept": "top_k", "rft.threshold": 0.5}, "rft.accept: top_k"),
+    ("online-dpo", {"online.prompts_per_iteration": 8, "rewards": "[{name: length}]", "train.max_steps": 2}, "iterative"),
+])
+def test_settings_nothing_reads_are_refused(command, overrides, message):
+    """A setting that differs from its default where nothing reads it is an error, not a silent no-op; the defaults
+    themselves pass (so a run's full recipe.yaml stays loadable)."""
+    from posttrain.config import load_recipe
+    from posttrain.errors import UserError
+
+    base = {"output_dir": "runs/x", "data.train": "d.jsonl"}
+    with pytest.raises(UserError, match=message):
+        load_recipe(command, None, [f"{k}={v}" for k, v in {**base, **overrides}.items()])
+    dumped = load_recipe(command, None, [f"{k}={v}" for k, v in {**base, "train.max_steps": 2, "rewards": "[{name: length}]"}.items()]
+                         if command == "online-dpo" else [f"{k}={v}" for k, v in base.items()])
+    from posttrain.config import validate_recipe
+
+    validate_recipe(command, dumped.model_dump(mode="json"))

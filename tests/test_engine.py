@@ -146,6 +146,17 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path, 
     assert not any(p.name.startswith(".") for p in (killed / "checkpoints").iterdir())  # stale staging cleaned
 
 
+def straight_and_killed(command: str, tmp_path: Path, model_dir: Path, overrides: dict, kill_at_step: int) -> tuple[Path, Path]:
+    """One recipe run straight through, and run again but SIGKILLed at ``kill_at_step`` and resumed: both run dirs."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli([command, str(write_recipe(tmp_path, model_dir, straight, overrides))]).returncode == 0
+    recipe = write_recipe(tmp_path, model_dir, killed, overrides)
+    assert run_cli([command, str(recipe)], kill_at_step=kill_at_step).returncode == -signal.SIGKILL
+    resumed = run_cli([command, str(recipe)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return straight, killed
+
+
 def write_recipe(tmp_path: Path, model_dir: Path, out: Path, overrides: dict) -> Path:
     from posttrain.config import apply_override, parse_override
 

@@ -2,7 +2,6 @@
 process count, KL placement, DAPO's filters, rollout state in checkpoints, evaluation, recipe errors."""
 
 import math
-import signal
 
 import pytest
 import torch
@@ -148,16 +147,11 @@ def test_num_iterations_reuses_rollouts_with_the_old_logprobs(tiny_model_dir, tm
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
     """Kill mid-cycle of num_iterations 2: the rollout buffer and the sampling RNG come back from the checkpoint."""
-    from test_engine import run_cli, write_recipe
+    from test_engine import straight_and_killed
 
     common = {**RL, "train.max_steps": 6, "train.save_every": 1, "train.batch_size": 4, "train.grad_accum": 2,
               "peft.method": "lora", "peft.dropout": 0.1, "rl.num_iterations": 2, "rl.kl_coef": 0.1}
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(["grpo", str(write_recipe(tmp_path, tiny_model_dir, straight, common))]).returncode == 0
-    recipe = write_recipe(tmp_path, tiny_model_dir, killed, common)
-    assert run_cli(["grpo", str(recipe)], kill_at_step=4).returncode == -signal.SIGKILL  # step 3 saved, mid-cycle
-    resumed = run_cli(["grpo", str(recipe)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, killed = straight_and_killed("grpo", tmp_path, tiny_model_dir, common, kill_at_step=4)  # step 3 saved, mid-cycle
     assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-6)
     for a, b in zip(metrics(straight), metrics(killed)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-12)

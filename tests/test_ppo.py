@@ -2,7 +2,6 @@
 cannot change it, the critic is shared or separate for real, epochs and mini-batches reuse one rollout batch,
 a kill mid-cycle resumes the same run; reward models as rewards."""
 
-import signal
 
 import pytest
 import torch
@@ -108,16 +107,11 @@ def test_mini_batch_members_cover_the_batch_once_per_epoch(tiny_model_dir, tmp_p
 
 
 def test_sigkill_mid_cycle_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
-    from test_engine import run_cli, write_recipe
+    from test_engine import straight_and_killed
 
     common = {**RL, "train.max_steps": 6, "train.save_every": 1, "train.batch_size": 4, "peft.method": "lora",
               "peft.dropout": 0.1, "rl.ppo_epochs": 2, "rl.num_mini_batches": 2}
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(["ppo", str(write_recipe(tmp_path, tiny_model_dir, straight, common))]).returncode == 0
-    recipe = write_recipe(tmp_path, tiny_model_dir, killed, common)
-    assert run_cli(["ppo", str(recipe)], kill_at_step=3).returncode == -signal.SIGKILL  # step 2 saved, mid-cycle
-    resumed = run_cli(["ppo", str(recipe)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, killed = straight_and_killed("ppo", tmp_path, tiny_model_dir, common, kill_at_step=3)  # step 2 saved, mid-cycle
     assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-6)
     for a, b in zip(metrics(straight), metrics(killed)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["value/loss"] == pytest.approx(b["value/loss"], abs=1e-6)

@@ -2,7 +2,6 @@
 (deduplicated, capped, top-k), the loss is the token-mean NLL of the kept completions whatever the accumulation,
 STaR's hint is used for sampling only, a kill mid-round resumes on the same kept set."""
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -90,16 +89,11 @@ def test_hint_is_for_sampling_only(tiny_model_dir, tiny_tokenizer, tmp_path):
 
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
-    from test_engine import run_cli, write_recipe
+    from test_engine import straight_and_killed
 
     common = {**RFT, "rft.steps_per_round": 3, "train.save_every": 1, "peft.method": "lora", "peft.dropout": 0.1,
               "rewards": "[{name: length, options: {per: 10}}]", "rft.threshold": 0.5}  # (a subprocess cannot import tests)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(["rft", str(write_recipe(tmp_path, tiny_model_dir, straight, common))]).returncode == 0
-    recipe = write_recipe(tmp_path, tiny_model_dir, killed, common)
-    assert run_cli(["rft", str(recipe)], kill_at_step=3).returncode == -signal.SIGKILL  # step 2 saved, mid-round
-    resumed = run_cli(["rft", str(recipe)])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, killed = straight_and_killed("rft", tmp_path, tiny_model_dir, common, kill_at_step=3)  # step 2 saved, mid-round
     assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-6)
     assert [m["loss"] for m in metrics(straight)] == pytest.approx([m["loss"] for m in metrics(killed)], abs=1e-6)
 

@@ -19,6 +19,13 @@ from posttrain.errors import UserError
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def unused(self, names: tuple[str, ...], why: str) -> None:
+        """Refuse settings that differ from their defaults where nothing reads them (a setting silently ignored
+        looks like one that had no effect). Defaults pass, so a run's full recipe.yaml stays a valid recipe."""
+        changed = [n for n in names if getattr(self, n) != type(self).model_fields[n].get_default(call_default_factory=True)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: {why}")
+
 
 class DataSource(Section):
     path: str = Field(description="jsonl / json / parquet / csv file, or a saved HF dataset directory")
@@ -138,6 +145,12 @@ class DistillConfig(Section):
     max_new_tokens: int = Field(128, gt=0, description="on-policy: the student's completion length (TRL's GKD default)")
     sampling_temperature: float = Field(0.9, gt=0, description="on-policy: the student's sampling temperature (TRL's GKD default)")
 
+    @model_validator(mode="after")
+    def _on_policy_settings(self) -> "DistillConfig":
+        if self.lmbda == 0:
+            self.unused(("max_new_tokens", "sampling_temperature"), "read only by on-policy distillation (set lmbda > 0)")
+        return self
+
 
 class SFTConfig(Section):
     """SFT variants from the literature: a registered loss, plus input / target transforms that combine with it."""
@@ -166,7 +179,7 @@ class SFTRecipe(Recipe):
     def _teacher_with_distill(self) -> "SFTRecipe":
         if (self.teacher is None) != (self.sft.loss != "distill"):
             raise ValueError("sft.loss: distill and teacher: PATH go together (one is set without the other)")
-        if "distill" in self.sft.model_fields_set and self.sft.loss != "distill":
+        if self.sft.distill != DistillConfig() and self.sft.loss != "distill":  # defaults pass: a dumped recipe.yaml loads
             raise ValueError("sft.distill settings apply to sft.loss: distill only")
         if self.sft.references and self.sft.loss != "poft":
             raise ValueError("sft.references are the aligned models of sft.loss: poft")
@@ -295,6 +308,11 @@ class RolloutConfig(Section):
                 raise ValueError(f"rollout.few_shot: each turn is {{role: user | assistant, content: ...}}, got {turn}")
         if self.few_shot and not self.chat:
             raise ValueError("rollout.few_shot needs rollout.chat: true (turns of a conversation)")
+        if self.tool == "none":
+            self.unused(("max_tool_calls", "tool_timeout", "tool_unsandboxed", "tool_instructions"),
+                        "tool settings, read only with rollout.tool: python")
+        if self.engine != "vllm":
+            self.unused(("vllm_url",), "read only with rollout.engine: vllm")
         return self
 
 
@@ -447,6 +465,11 @@ class RFTConfig(Section):
     reward_workers: int = Field(2, ge=0, description="processes that score completions (0: in the training process)")
     reward_timeout: float = Field(120.0, gt=0, description="seconds per scoring call before its workers are killed")
 
+    @model_validator(mode="after")
+    def _acceptance_settings(self) -> "RFTConfig":
+        self.unused(("top_k",) if self.accept == "threshold" else ("threshold",), f"not read with rft.accept: {self.accept}")
+        return self
+
 
 class RFTRolloutConfig(RolloutConfig):
     num_generations: int = Field(4, ge=1, description="completions sampled per prompt per round")
@@ -490,6 +513,12 @@ class OnlineDPOConfig(Section):
     judge: JudgeConfig | None = Field(None, description="label pairs with an LLM judge (both answer orders) instead of rewards")
     reward_workers: int = Field(2, ge=0, description="processes that score completions (0: in the training process)")
     reward_timeout: float = Field(120.0, gt=0, description="seconds per scoring call before its workers are killed")
+
+    @model_validator(mode="after")
+    def _iterative_settings(self) -> "OnlineDPOConfig":
+        if self.iterations is None:
+            self.unused(("prompts_per_iteration",), "read only by iterative DPO (set online.iterations)")
+        return self
 
 
 class OnlineDPORecipe(Recipe):

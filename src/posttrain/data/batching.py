@@ -108,3 +108,14 @@ def collate(
         num_tokens=int(sum(lengths)),
         example_index=torch.tensor([e.index for e in examples]),
     )
+
+
+def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded into one tensor: (input_ids [R, L], attention_mask [R, L], the index of each row's
+    last real token [R]), for reading a model's output at the end of each sequence (reward models, judges)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+    return input_ids, mask, torch.tensor([len(row) - 1 for row in rows])

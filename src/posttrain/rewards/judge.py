@@ -66,14 +66,11 @@ class PairwiseJudge:
     @torch.no_grad()
     def prob_a(self, texts: list[str]) -> torch.Tensor:
         """P("A") / (P("A") + P("B")) as the judge's next token after each text."""
+        from posttrain.data.batching import right_padded
         from posttrain.train.forward import final_hidden_states
 
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length:] for t in texts]
-        width = max(len(i) for i in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, row in enumerate(ids):
-            input_ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        input_ids, mask, ends = right_padded(ids, self.tokenizer.pad_token_id)
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -81,7 +78,7 @@ class PairwiseJudge:
             hidden = final_hidden_states(self.model, input_ids.to(device), None, mask.to(device))
         finally:
             self.model.train(was_training)
-        last = hidden[torch.arange(len(ids)), torch.tensor([len(i) - 1 for i in ids])]
+        last = hidden[torch.arange(len(ids)), ends]
         head = self.model.get_output_embeddings()
         logits = last @ head.weight[self.letters].T
         if head.bias is not None:

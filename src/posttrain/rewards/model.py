@@ -83,12 +83,10 @@ class RewardModel:
         return scores
 
     def score_texts(self, texts: list[str]) -> list[float]:
+        from posttrain.data.batching import right_padded
+
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length:] for t in texts]
-        width = max(len(i) for i in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, row in enumerate(ids):
-            input_ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        input_ids, mask, ends = right_padded(ids, self.tokenizer.pad_token_id)
         hidden = self.model.base_model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        last = hidden[torch.arange(len(ids)), torch.tensor([len(i) - 1 for i in ids])]
+        last = hidden[torch.arange(len(ids)), ends]
         return self.head(last).float().squeeze(-1).cpu().tolist()

@@ -31,6 +31,13 @@ from posttrain.train.reference import Reference
 from posttrain.train.tasks.sampling import PromptExample, SamplingTask, eval_mode, mean_or_zero, model_inputs
 
 
+def tool_masks(completions: list) -> list[list[int]] | None:
+    """Per completion token, 1 for the model's and 0 for tool output; None when no completion used a tool."""
+    if not any(c.mask for c in completions):
+        return None
+    return [c.mask or [1] * len(c.token_ids) for c in completions]
+
+
 @dataclass
 class Rollouts:
     """This process's completions of one step, completion by completion; per-token tensors are flat [N] over the
@@ -259,7 +266,7 @@ class GRPOTask(SamplingTask):
         flat, completions = sampled.flat, sampled.completions
         prompt_ids = [ex.prompt_ids for _, ex in flat]
         completion_ids = [c.token_ids for c in completions]
-        masks = [c.mask or [1] * len(c.token_ids) for c in completions] if any(c.mask for c in completions) else None
+        masks = tool_masks(completions)
         lengths = torch.tensor([c.model_tokens for c in completions], dtype=torch.long)
         token_seq = torch.repeat_interleave(torch.arange(len(completion_ids)), lengths)
         truncated = torch.tensor([c.truncated for c in completions], dtype=torch.bool)
@@ -296,10 +303,9 @@ class GRPOTask(SamplingTask):
         each process must run a backward pass for the gradients to be reduced across processes. It takes no
         part in the advantages or metrics."""
         sampler_logps = torch.tensor([x for c in completions for x in c.sampler_logps], dtype=torch.float64)
-        masks = [c.mask or [1] * len(c.token_ids) for c in completions] if any(c.mask for c in completions) else None
         return Rollouts([ex.prompt_ids for _, ex in flat], [c.token_ids for c in completions],
                         torch.zeros(len(completions), dtype=torch.bool), torch.zeros(len(sampler_logps), dtype=torch.float64),
-                        sampler_logps, masks=masks)
+                        sampler_logps, masks=tool_masks(completions))
 
     def sample_groups(self, step: int, examples: list) -> "Sampled":
         """This process's groups of the step, scored; with DAPO's dynamic sampling only groups whose rewards vary,
