@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.config import DPORecipe, GRPORecipe, KTORecipe, OnlineDPORecipe, PPORecipe, RankRecipe, Recipe, RFTRecipe, SFTRecipe
+from posttrain.config import (DPORecipe, GRPORecipe, KTORecipe, OnlineDPORecipe, PPORecipe, PRMRecipe, RankRecipe, Recipe,
+                              RFTRecipe, RMRecipe, SFTRecipe)
 
 
 @dataclass(frozen=True)
@@ -42,4 +43,7 @@ COMMANDS: dict[str, Command] = {
     "online-dpo": Command(OnlineDPORecipe, "posttrain.train.tasks.online_dpo:OnlineDPOTask",
                           "online / iterative DPO: sample pairs from the policy, label them by rewards or an LLM judge, "
                           "train any pairwise loss"),
+    "rm": Command(RMRecipe, "posttrain.train.tasks.reward_model:RewardModelTask",
+                  "reward model: Bradley-Terry on preference pairs (margins, centering), multi-objective heads on ratings; "
+                  "final/ loads with AutoModelForSequenceClassification"),
 }

@@ -545,6 +545,55 @@ class OnlineDPORecipe(Recipe):
         return self
 
 
+class RewardModelConfig(Section):
+    center_rewards_coefficient: float = Field(0.0, ge=0, validation_alias=AliasChoices("center_rewards_coefficient",
+                                              "center_rewards"), description="coefficient of mean((r_c + r_r)^2), which "
+                                              "keeps rewards centred on zero (Eisenstein et al., 2023; TRL's name; 0 = off)")
+    objectives: list[str] = Field(default_factory=list, description="multi-objective: one head per rated attribute "
+                                  "(records carry ratings: {attribute: value}); empty = one scalar reward")
+    weighting: Literal["fixed", "learned"] = Field("fixed", description="multi-objective: how the attribute scores "
+                                                   "combine into one reward: fixed rm.weights, or learned from the pairs "
+                                                   "by Bradley-Terry (softmax weights, attribute scores held fixed)")
+    weights: dict[str, float] | None = Field(None, description="fixed weighting: {attribute: weight} (default: uniform)")
+    regression_weight: float = Field(1.0, ge=0, description="multi-objective: weight of the ratings' squared error "
+                                     "against the pairs' Bradley-Terry loss")
+
+    @model_validator(mode="after")
+    def _objectives(self) -> "RewardModelConfig":
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError("objectives: each attribute once")
+        if not self.objectives:
+            self.unused(("weighting", "weights", "regression_weight"), "multi-objective settings: set rm.objectives")
+        if self.weights is not None:
+            if self.weighting == "learned":
+                raise ValueError("weights: fixed weights and weighting: learned exclude each other")
+            if set(self.weights) != set(self.objectives):
+                raise ValueError(f"weights: give one weight per objective ({', '.join(self.objectives)})")
+        return self
+
+
+class RMRecipe(PreferenceRecipe):
+    """Reward models: a score head on a causal LM (its last hidden state at the sequence's last token) or any
+    sequence-classification model, trained on preference pairs (Bradley-Terry) and, with rm.objectives, ratings."""
+
+    rm: RewardModelConfig = Field(default_factory=RewardModelConfig)
+
+
+class PRMConfig(Section):
+    step_separator: str = Field("\n", description="appended to every step; its last token carries the step's label "
+                                "(TRL's default)")
+    train_on_last_step_only: bool = Field(False, description="label only the last step of each record (outcome "
+                                          "supervision on the PRM data layout)")
+    max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end); unset: no limit")
+
+
+class PRMRecipe(Recipe):
+    """Process reward models: records {prompt, completions: [step, ...], labels: [bool, ...]}, a 2-class token head
+    read at each step's separator (TRL's PRMTrainer layout: raw text, no chat template)."""
+
+    prm: PRMConfig = Field(default_factory=PRMConfig)
+
+
 def recipes_dir() -> Path:
     return Path(str(importlib.resources.files("posttrain") / "recipes"))
 

@@ -123,6 +123,34 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = 
         raise not_loadable(spec, exc) from None
 
 
+def load_classifier(spec: str, num_labels: int, per_token: bool = False, trust_remote_code: bool = False):
+    """A sequence-classification model (token-classification with ``per_token``) with ``num_labels`` outputs, from
+    a classifier directory (its head kept when the shape fits), a causal LM (its trunk and a new head, initialized
+    by transformers from the current seed) or a run's adapter directory (merged into its base first)."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    path = resolve_model(spec)
+    if (Path(path) / "adapter_config.json").exists():
+        causal = load_model(path, trust_remote_code).merge_and_unload()
+        config = copy.deepcopy(causal.config)
+        config.num_labels = num_labels
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+        missing = model.load_state_dict(causal.state_dict(), strict=False).missing_keys
+        trunk_missing = [k for k in missing if k.split(".")[0] not in ("score", "classifier")]
+        if trunk_missing:
+            raise UserError(f"model: {spec}: its weights do not fit {type(model).__name__} ({trunk_missing[0]} missing)")
+        return model.float()
+    try:
+        return auto.from_pretrained(path, num_labels=num_labels, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise not_loadable(spec, exc) from None
+    except (ValueError, RuntimeError) as exc:  # e.g. a classifier with another number of labels
+        raise UserError(f"model: cannot use {spec} with {num_labels} output(s): {str(exc).splitlines()[0]}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter-efficient and selective fine-tuning
 
@@ -145,7 +173,7 @@ COMMON_FIELDS = {
 }
 
 
-def peft_config(cfg, explicitly_set: set[str]):
+def peft_config(cfg, explicitly_set: set[str], task_type: str = "CAUSAL_LM"):
     """Build the peft config for ``peft.method``: LoRA aliases, or any method peft registers."""
     import peft
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -157,7 +185,7 @@ def peft_config(cfg, explicitly_set: set[str]):
         raise UserError(f"peft.method: unknown method {cfg.method!r} (known: none, {', '.join(known)})")
     config_class = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
     fields = config_class.__dataclass_fields__
-    kwargs = {"task_type": "CAUSAL_LM", **LORA_ALIASES.get(method, {})}
+    kwargs = {"task_type": task_type, **LORA_ALIASES.get(method, {})}
     for key, names in COMMON_FIELDS.items():
         name = next((n for n in names if n in fields), None)
         if key == "target_modules" and peft_type != "LORA" and key not in explicitly_set:
@@ -178,8 +206,9 @@ def peft_config(cfg, explicitly_set: set[str]):
         raise UserError(f"peft: {config_class.__name__} rejected the settings: {exc}") from None
 
 
-def apply_peft(model, cfg, explicitly_set: set[str], seed: int = 0):
-    """Wrap ``model`` with the recipe's adapter, or freeze parameters for selective fine-tuning."""
+def apply_peft(model, cfg, explicitly_set: set[str], seed: int = 0, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with the recipe's adapter, or freeze parameters for selective fine-tuning. With ``SEQ_CLS`` /
+    ``TOKEN_CLS``, peft also trains (and saves) the classification head in full."""
     if cfg.method == "none":
         adapter_keys = sorted(explicitly_set & {*COMMON_FIELDS, "options"})
         if adapter_keys:  # said out loud, not an error: `peft.method=none` on a LoRA recipe is a normal override
@@ -192,7 +221,10 @@ def apply_peft(model, cfg, explicitly_set: set[str], seed: int = 0):
                         f"they cannot be combined with peft.method: {cfg.method}")
     from peft import get_peft_model
 
-    config = peft_config(cfg, explicitly_set)
+    config = peft_config(cfg, explicitly_set, task_type)
+    if config.is_prompt_learning and task_type != "CAUSAL_LM":
+        raise UserError(f"peft.method: {cfg.method} is a prompt method; classification heads train with LoRA-like "
+                        "methods or in full")
     if config.is_prompt_learning and config.peft_type not in ("PROMPT_TUNING", "P_TUNING"):
         raise UserError(f"peft.method: {cfg.method} feeds past key values into attention, which posttrain's "
                         "forward pass does not route; prompt_tuning and p_tuning are the supported prompt methods")

@@ -213,3 +213,59 @@ def parse_ranked(path: str, where: str, record: dict) -> RankedExample:
         completion = check.text_or_messages_value(response, name)
         examples.append(_completion_example(check, prompt, completion, name))
     return RankedExample(examples, [float(s) for s in scores])
+
+
+@dataclass
+class RatedExample:
+    """Reward-model data: a preference pair (chosen first) or one rated completion; ``ratings`` per completion
+    ({attribute: value}, possibly empty); ``margin`` the pair's required reward margin (0 when absent)."""
+
+    completions: list[SFTExample]
+    ratings: list[dict[str, float]]
+    margin: float = 0.0
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.completions) == 2
+
+
+def parse_rated(path: str, where: str, record: dict, attributes: list[str] = ()) -> RatedExample:
+    """``{prompt, chosen, rejected[, margin][, chosen_ratings, rejected_ratings]}`` or, with ``attributes`` (a
+    multi-objective reward model), ``{prompt, completion, ratings: {attribute: value}}``."""
+    check = RecordChecker(path, where, record)
+    if "chosen" in record or "rejected" in record:
+        pair = parse_preference(path, where, record)
+        margin = record.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise check.fail("margin", f"must be a number, got {margin!r}")
+        ratings = [_ratings(check, record.get(f"{side}_ratings"), f"{side}_ratings", attributes)
+                   for side in ("chosen", "rejected")]
+        return RatedExample([pair.chosen, pair.rejected], ratings, float(margin))
+    if not attributes:
+        raise check.fail(None, "not a preference pair: a reward model trains on 'chosen' and 'rejected' (rated single "
+                         "completions need rm.objectives)")
+    ratings = _ratings(check, check.require("ratings"), "ratings", attributes)
+    if not ratings:
+        raise check.fail("ratings", "rates none of the objectives")
+    prompt = check.text_or_messages("prompt", "user") if "prompt" in record else ""
+    completion = check.text_or_messages("completion", "assistant")
+    return RatedExample([_completion_example(check, prompt, completion, "completion")], [ratings])
+
+
+def _ratings(check: RecordChecker, value, name: str, attributes) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not attributes:
+        raise check.fail(name, "ratings need rm.objectives (the attributes the reward model scores)")
+    if not isinstance(value, dict):
+        raise check.fail(name, f"must be a mapping {{attribute: number}}, got {type(value).__name__}")
+    out = {}
+    for key, rating in value.items():
+        if key not in attributes:
+            raise check.fail(f"{name}.{key}", f"not one of rm.objectives ({', '.join(attributes)})")
+        if rating is None:
+            continue  # unrated attribute: no regression target
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
+            raise check.fail(f"{name}.{key}", f"must be a number, got {rating!r}")
+        out[key] = float(rating)
+    return out

@@ -41,9 +41,22 @@ def load_reward_model(spec: str, dtype: torch.dtype = torch.float32, trust_remot
     if missing:
         raise UserError(f"{spec} is not a reward model: it has no trained score head ({missing[0]} missing); "
                         "train one with posttrain rm, or give a sequence-classification model")
-    if model.config.num_labels != 1:
-        raise UserError(f"{spec}: a reward model gives one score per sequence; this one has {model.config.num_labels} labels")
+    if model.config.num_labels != 1 and not getattr(model.config, "reward_weights", None):
+        raise UserError(f"{spec}: a reward model gives one score per sequence; this one has {model.config.num_labels} "
+                        "labels and no reward_weights in its config.json to combine them (posttrain rm writes them)")
     return model.eval(), tokenizer
+
+
+def reward_weights(config) -> torch.Tensor | None:
+    """A multi-objective reward model's weights over its outputs (``config.reward_weights`` by label), or None."""
+    weights = getattr(config, "reward_weights", None)
+    if config.num_labels == 1 or not weights:
+        return None
+    labels = [config.id2label[k] for k in range(config.num_labels)]
+    missing = [label for label in labels if label not in weights]
+    if missing:
+        raise UserError(f"reward model: config.json reward_weights has no weight for {', '.join(missing)}")
+    return torch.tensor([float(weights[label]) for label in labels], dtype=torch.float64)
 
 
 def score_head(model) -> torch.nn.Module:
@@ -68,10 +81,12 @@ class RewardModel:
     """Scores completions in batches on ``device``; ``max_length`` tokens at most (cut on the left, so the end of
     the answer, where the score is read, is always seen)."""
 
-    def __init__(self, spec: str, device="cpu", batch_size: int = 16, max_length: int = 2048, trust_remote_code: bool = False):
-        self.model, self.tokenizer = load_reward_model(spec, trust_remote_code=trust_remote_code)
+    def __init__(self, spec: str, device="cpu", batch_size: int = 16, max_length: int = 2048, trust_remote_code: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.tokenizer = load_reward_model(spec, dtype, trust_remote_code=trust_remote_code)
         self.model.to(device)
         self.head = score_head(self.model)
+        self.weights = reward_weights(self.model.config)
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
 
     @torch.no_grad()
@@ -88,5 +103,5 @@ class RewardModel:
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length:] for t in texts]
         input_ids, mask, ends = right_padded(ids, self.tokenizer.pad_token_id)
         hidden = self.model.base_model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        last = hidden[torch.arange(len(ids)), ends]
-        return self.head(last).float().squeeze(-1).cpu().tolist()
+        scores = self.head(hidden[torch.arange(len(ids)), ends]).double().cpu()
+        return (scores @ self.weights if self.weights is not None else scores.squeeze(-1)).tolist()

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from posttrain.config import Recipe, dump_recipe
 from posttrain.errors import UserError
-from posttrain.models import save_final
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.task import sum_over_processes
 
@@ -204,7 +203,7 @@ class Engine:
 
     def finish(self, module, elapsed: float, state: dict, start_step: int, history: dict) -> dict:
         if self.acc.is_main_process:
-            save_final(self.acc.unwrap_model(module).model, self.tokenizer, self.out / "final")
+            self.task.save_final(self.acc.unwrap_model(module).model, self.tokenizer, self.out / "final")
         self.acc.wait_for_everyone()
         self.acc.end_training()
         summary = {"steps": self.total_steps, "resumed_from": start_step, "tokens": state["tokens"],

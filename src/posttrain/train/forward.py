@@ -88,3 +88,38 @@ def final_hidden_states(model, input_ids, position_ids, attention_mask) -> torch
     mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], virtual), attention_mask], dim=1)
     out = decoder(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask, use_cache=False)
     return out.last_hidden_state[:, virtual:]
+
+
+class HeadOutputs(nn.Module):
+    """A classification head's outputs [N, C] at flat positions ``index`` of a (packed) batch: reward models read
+    each sequence's last token, process reward models each step's separator.
+
+    A decoder classifier (head ``score``: Llama, Qwen, Mistral, GPT-2, ...) runs its trunk once over packed rows and
+    applies the head only where it is read. Any other sequence-classification model (BERT-style ``classifier`` with
+    a pooler) runs its own forward on padded rows, one row per sequence. ``combine`` (an optional module) turns
+    several outputs per sequence into one reward, inside this forward so that distributed training sees it.
+    """
+
+    def __init__(self, model, combine: nn.Module | None = None):
+        super().__init__()
+        self.model, self.combine = model, combine
+
+    def forward(self, input_ids, position_ids, attention_mask, index):
+        trunk, head = decoder_trunk_and_head(self.model)
+        if trunk is not None:
+            hidden = trunk(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=False).last_hidden_state
+            out = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            out = logits.reshape(-1, logits.shape[-1]).index_select(0, index) if logits.dim() == 3 else logits
+        return out if self.combine is None else (out, self.combine(out))
+
+
+def decoder_trunk_and_head(model) -> tuple[nn.Module | None, nn.Module | None]:
+    """(trunk, ``score`` head) of a decoder classifier, through a PEFT wrapper; (None, None) for other models."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(inner, "score", None)
+    if not isinstance(head, nn.Module):
+        return None, None
+    return getattr(inner, inner.base_model_prefix), head

@@ -10,8 +10,8 @@ import torch
 from posttrain.config import Recipe
 from posttrain.errors import UserError
 from posttrain.export import merged
-from posttrain.models import (apply_peft, is_prompt_learning, load_model, load_tokenizer, needs_data_init,
-                              resolve_model, trainable_summary)
+from posttrain.models import (apply_peft, is_prompt_learning, load_tokenizer, needs_data_init, resolve_model,
+                              trainable_summary)
 from posttrain.train.engine import Engine
 
 
@@ -48,12 +48,12 @@ def run(command: str, recipe: Recipe) -> dict:
     train_examples = task.build_dataset("train", quiet=quiet)
     eval_examples = task.build_dataset("eval", quiet=quiet)
 
-    model = load_model(path, recipe.trust_remote_code)
+    model = task.load_model(path)
     if hasattr(model, "peft_config"):  # starting from an adapter run (e.g. DPO after LoRA SFT): train on the merged model
         model = merged(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_peft(model, recipe.peft, recipe.peft.model_fields_set, recipe.train.seed)
+    model = apply_peft(model, recipe.peft, recipe.peft.model_fields_set, recipe.train.seed, task.peft_task_type)
     if is_prompt_learning(model) and recipe.train.packing:
         raise UserError(f"peft.method: {recipe.peft.method} prepends virtual tokens to every row, which packed rows "
                         "cannot share; set train.packing: false")

@@ -25,6 +25,14 @@ class Task(Protocol):
     def build_dataset(self, which: str, quiet: bool = False) -> list:
         """The examples of ``which`` (train or eval) split, tokenized."""
 
+    peft_task_type: str  # CAUSAL_LM, or SEQ_CLS / TOKEN_CLS for a classification head
+
+    def load_model(self, path: str):
+        """The model the recipe names, in the shape this task trains (a causal LM, a classifier)."""
+
+    def save_final(self, model, tokenizer, directory) -> None:
+        """``final/``: what users load after training (an adapter or full weights, a classifier with its stats)."""
+
     def module(self, model) -> torch.nn.Module:
         """What the engine differentiates (and wraps for distribution): a log-prob module, a reward head, ..."""
 
@@ -78,6 +86,18 @@ class OfflineTask:
     progress: dict[str, str] = {}
     step_size_formula = "train.batch_size x train.grad_accum x processes"
     steps_per_batch = 1
+
+    peft_task_type = "CAUSAL_LM"
+
+    def load_model(self, path: str):
+        from posttrain.models import load_model
+
+        return load_model(path, self.recipe.trust_remote_code)
+
+    def save_final(self, model, tokenizer, directory) -> None:
+        from posttrain.models import save_final
+
+        save_final(model, tokenizer, directory)
 
     def module(self, model) -> torch.nn.Module:
         from posttrain.train.forward import TargetLogprobs

@@ -1,0 +1,288 @@
+"""Reward-model task: preference pairs (and, for multi-objective heads, ratings) -> a score per sequence.
+
+The score is a head on the model's last hidden state at each sequence's last token (a decoder classifier's
+``score``; sequences are packed, so the head reads one position per sequence and no padding is computed), or
+any sequence-classification model's own output. Pairs train the reward by Bradley-Terry; with ``rm.objectives``
+the model has one output per rated attribute, regressed on the records' ratings, and the reward is their
+weighted sum with fixed weights or weights learned from the pairs (ArmoRM's two stages in one run, with a
+global weighting instead of its prompt-conditioned gate).
+
+``final/`` is a plain sequence-classification model (adapters merged) that transformers'
+``AutoModelForSequenceClassification`` loads directly; its ``config.json`` carries the attribute names, the
+reward weights and the reward mean / std measured on the held-out data (for later normalization).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from posttrain.data.batching import Batch, collate
+from posttrain.data.formats import parse_rated
+from posttrain.data.load import split_records
+from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
+from posttrain.errors import UserError
+from posttrain.objectives.reward import bradley_terry
+from posttrain.train.forward import HeadOutputs, decoder_trunk_and_head
+from posttrain.train.task import OfflineTask
+
+
+@dataclass
+class RewardExample:
+    sequences: list[TokenizedExample]  # chosen, rejected (a pair) or one rated completion
+    ratings: np.ndarray  # [len(sequences), K]; NaN where an attribute is unrated
+    margin: float
+    index: int
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.sequences) == 2
+
+
+@dataclass
+class RewardBatch:
+    batch: Batch  # every record's sequences, record by record
+    last_index: torch.Tensor  # [S] flat position of each sequence's last token
+    pairs: torch.Tensor  # [P, 2] sequence positions of (chosen, rejected)
+    pair_record: torch.Tensor  # [P] the record each pair belongs to
+    margins: torch.Tensor  # [P]
+    ratings: torch.Tensor  # [S, K]
+    sequence_record: torch.Tensor  # [S]
+    num_records: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
+
+    def to(self, device) -> "RewardBatch":
+        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, Batch)) else v) for k, v in vars(self).items()}
+        return RewardBatch(**moved)
+
+
+class RewardWeighting(nn.Module):
+    """The reward as a weighted sum of per-attribute scores: fixed weights, or softmax weights learned from the
+    pairs with the attribute scores held fixed (so the heads stay regressors of their attributes)."""
+
+    def __init__(self, names: list[str], fixed: list[float] | None = None, learned: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.names, self.learned = list(names), learned
+        if learned:
+            self.logits = nn.Parameter(torch.zeros(len(names), dtype=dtype))
+        else:
+            weights = fixed if fixed is not None else [1.0 / len(names)] * len(names)
+            self.register_buffer("fixed", torch.tensor(weights, dtype=dtype))
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, 0) if self.learned else self.fixed
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores.detach() if self.learned else scores) @ self.weights().to(scores.dtype)
+
+
+def last_token_only(example: TokenizedExample) -> TokenizedExample:
+    """The same tokens with a single target: the last one, where the score is read (``target_index + 1``)."""
+    weights = np.zeros_like(example.weights)
+    weights[-1] = 1.0
+    return TokenizedExample(example.input_ids, weights, example.truncated, example.index)
+
+
+def last_positions(batch: Batch) -> torch.Tensor:
+    """Each sequence's last-token flat position, in sequence order (packed rows list them out of order)."""
+    last = torch.empty(batch.num_examples, dtype=torch.long)
+    last[batch.target_example] = batch.target_index + 1
+    return last
+
+
+class RewardModelTask(OfflineTask):
+    name = "rm"
+    peft_task_type = "SEQ_CLS"
+    progress = {"acc": "accuracy"}
+
+    def __init__(self, recipe, tokenizer):
+        self.recipe, self.tokenizer = recipe, tokenizer
+        self.cfg = recipe.rm
+        self.objectives = list(self.cfg.objectives)
+        self.tokenize = ExampleTokenizer(tokenizer, recipe.data)
+        self.weighting: RewardWeighting | None = None
+        self.reward_stats: dict[str, float] | None = None
+        self.train_examples: list[RewardExample] = []
+
+    @property
+    def num_labels(self) -> int:
+        return max(len(self.objectives), 1)
+
+    def load_model(self, path: str):
+        from posttrain.models import load_classifier
+
+        model = load_classifier(path, self.num_labels, trust_remote_code=self.recipe.trust_remote_code)
+        model.config.pad_token_id = self.tokenizer.pad_token_id  # transformers' own forward needs it for batches
+        if decoder_trunk_and_head(model)[0] is None and (self.recipe.train.packing or self.recipe.train.padding_free):
+            raise UserError(f"model: {type(model).__name__} pools with its own head, which packed rows would mix; "
+                            "set train.packing: false (and train.padding_free: false)")
+        return model
+
+    # -- data ---------------------------------------------------------------------------------
+    def build_dataset(self, which: str, quiet: bool = False) -> list[RewardExample]:
+        records = split_records(self.recipe, which)
+        if not records:
+            return []
+        out, truncated, dropped = [], 0, 0
+        for path, where, record in tqdm(records, desc=f"tokenizing {which}", disable=quiet or len(records) < 2000):
+            rated = parse_rated(path, where, record, self.objectives)
+            sequences = [self.tokenize(c) for c in rated.completions]
+            if None in sequences:
+                dropped += 1
+                continue
+            truncated += any(s.truncated for s in sequences)
+            ratings = np.array([[r.get(name, np.nan) for name in self.objectives] or [np.nan] for r in rated.ratings])
+            out.append(RewardExample([last_token_only(s) for s in sequences], ratings, rated.margin, len(out)))
+        if not out:
+            raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={self.recipe.data.max_length})")
+        if not quiet:
+            pairs = sum(e.is_pair for e in out)
+            tokens = sum(len(s.input_ids) for e in out for s in e.sequences)
+            print(f"data.{which}: {len(records)} records -> {pairs} pairs, {len(out) - pairs} rated completions, "
+                  f"{tokens:,} tokens; truncated {truncated} ({self.recipe.data.truncation}), dropped {dropped}", flush=True)
+        if which == "train":
+            self.check_supervision(out)
+        return out
+
+    def check_supervision(self, examples: list[RewardExample]) -> None:
+        rated = any(np.isfinite(e.ratings).any() for e in examples)
+        pairs = any(e.is_pair for e in examples)
+        if self.cfg.weighting == "learned" and not pairs:
+            raise UserError("rm.weighting: learned learns the weights from preference pairs; the training data has none")
+        if self.objectives and not rated:
+            raise UserError(f"rm.objectives: no training record rates {', '.join(self.objectives)} "
+                            "(ratings / chosen_ratings / rejected_ratings)")
+
+    def adapter_init_examples(self, examples: list[RewardExample]) -> list[TokenizedExample]:
+        return [e.sequences[0] for e in examples]
+
+    def collate(self, examples: list[RewardExample]) -> RewardBatch:
+        train = self.recipe.train
+        sequences, pairs, pair_record, margins, sequence_record = [], [], [], [], []
+        for r, example in enumerate(examples):
+            if example.is_pair:
+                pairs.append((len(sequences), len(sequences) + 1))
+                pair_record.append(r)
+                margins.append(example.margin)
+            sequences += example.sequences
+            sequence_record += [r] * len(example.sequences)
+        batch = collate(sequences, self.tokenizer.pad_token_id, train.packing, train.padding_free, self.recipe.data.max_length)
+        return RewardBatch(batch, last_positions(batch), torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+                           torch.tensor(pair_record, dtype=torch.long), torch.tensor(margins, dtype=torch.float64),
+                           torch.from_numpy(np.concatenate([e.ratings for e in examples])), torch.tensor(sequence_record),
+                           len(examples))
+
+    # -- model ----------------------------------------------------------------------------------
+    def setup(self, model, accelerator, train: list, evaluation: list) -> None:
+        super().setup(model, accelerator, train, evaluation)
+        self.train_examples = train
+        dtype = next(model.parameters()).dtype
+        fixed = [self.cfg.weights[name] for name in self.objectives] if self.cfg.weights else None
+        self.weighting = RewardWeighting(self.objectives or ["reward"], fixed, self.cfg.weighting == "learned", dtype)
+        self.weighting.to(self.device)
+
+    def module(self, model) -> HeadOutputs:
+        return HeadOutputs(model, self.weighting)
+
+    def trained(self, model) -> nn.Module:
+        return nn.ModuleDict({"model": model, "weighting": self.weighting}) if self.weighting.learned else model
+
+    # -- loss -----------------------------------------------------------------------------------
+    def normalizer(self, rb: RewardBatch) -> float:
+        """The loss is a mean over the records (pairs, rated completions) of the whole optimizer step."""
+        return float(rb.num_records)
+
+    def record_losses(self, module, rb: RewardBatch) -> tuple[torch.Tensor, dict]:
+        b = rb.batch
+        scores, reward = module(b.input_ids, b.position_ids, b.attention_mask, rb.last_index)
+        chosen, rejected = reward[rb.pairs[:, 0]], reward[rb.pairs[:, 1]]
+        per_pair = bradley_terry(chosen, rejected, rb.margins, self.cfg.center_rewards_coefficient)
+        losses = torch.zeros(rb.num_records, dtype=scores.dtype, device=scores.device).index_add(0, rb.pair_record, per_pair)
+        out = {"scores": scores, "reward": reward, "chosen": chosen, "rejected": rejected, "pair_loss": per_pair}
+        if self.objectives:
+            rated = torch.isfinite(rb.ratings)
+            squared = torch.where(rated, scores - torch.nan_to_num(rb.ratings).to(scores.dtype), 0.0) ** 2
+            count = torch.zeros(rb.num_records, device=scores.device).index_add(0, rb.sequence_record, rated.sum(1).float())
+            total = torch.zeros_like(losses).index_add(0, rb.sequence_record, squared.sum(1))
+            losses = losses + self.cfg.regression_weight * total / count.clamp(min=1).to(total.dtype)
+            out.update(squared=squared, rated=rated)
+        return losses, out
+
+    def loss(self, module, rb: RewardBatch, normalizer: float):
+        losses, out = self.record_losses(module, rb)
+        margin = (out["chosen"] - out["rejected"]).detach()
+        pairs = float(len(margin))
+        metrics = {"accuracy": (float((margin > 0).sum()), pairs), "margin": (float(margin.sum()), pairs),
+                   "reward_mean": (float(out["reward"].detach().sum()), float(len(out["reward"])))}
+        if self.objectives:
+            for k, name in enumerate(self.objectives):
+                metrics[f"mse/{name}"] = (float(out["squared"][:, k].detach().sum()), float(out["rated"][:, k].sum()))
+            if self.weighting.learned:
+                metrics.update({f"weight/{n}": float(w) * rb.num_records / normalizer
+                                for n, w in zip(self.objectives, self.weighting.weights().detach())})
+        return losses.sum() / normalizer, metrics
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_sums(self, module, rb: RewardBatch) -> dict[str, float]:
+        """Pairwise accuracy counts a tie as wrong (as RewardBench does); reward moments for normalization."""
+        losses, out = self.record_losses(module, rb)
+        reward = out["reward"].double()
+        margin = out["chosen"] - out["rejected"]
+        sums = {"records": float(rb.num_records), "loss": float(losses.sum()), "pairs": float(len(margin)),
+                "correct": float((margin > 0).sum()), "margin": float(margin.sum()),
+                "sequences": float(len(reward)), "reward": float(reward.sum()), "reward_sq": float((reward ** 2).sum())}
+        for k, name in enumerate(self.objectives):
+            sums[f"se/{name}"] = float(out["squared"][:, k].sum())
+            sums[f"rated/{name}"] = float(out["rated"][:, k].sum())
+        return sums
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["sequences"], 1.0)
+        mean = sums["reward"] / n
+        std = math.sqrt(max(sums["reward_sq"] / n - mean ** 2, 0.0))
+        self.reward_stats = {"reward_mean": mean, "reward_std": std, "reward_stats_n": int(sums["sequences"])}
+        metrics = {"eval/loss": sums["loss"] / max(sums["records"], 1.0), "eval/reward_mean": mean, "eval/reward_std": std}
+        if sums["pairs"]:
+            metrics.update({"eval/accuracy": sums["correct"] / sums["pairs"], "eval/margin": sums["margin"] / sums["pairs"]})
+        for name in self.objectives:
+            if sums[f"rated/{name}"]:
+                metrics[f"eval/rmse/{name}"] = math.sqrt(sums[f"se/{name}"] / sums[f"rated/{name}"])
+        return metrics
+
+    # -- the saved model --------------------------------------------------------------------------
+    def save_final(self, model, tokenizer, directory) -> None:
+        from posttrain.export import merged
+        from posttrain.models import save_final
+
+        stats = self.reward_stats or self.training_reward_stats(model)
+        model = merged(model)
+        config = model.config
+        config.pad_token_id = tokenizer.pad_token_id
+        if self.objectives:
+            config.id2label = dict(enumerate(self.objectives))
+            config.label2id = {name: k for k, name in enumerate(self.objectives)}
+            config.reward_weights = dict(zip(self.objectives, self.weighting.weights().detach().double().tolist()))
+        for key, value in stats.items():
+            setattr(config, key, value)
+        save_final(model, tokenizer, directory)
+
+    @torch.no_grad()
+    def training_reward_stats(self, model, limit: int = 256) -> dict[str, float]:
+        """Without held-out data: the reward moments over (up to ``limit``) training records."""
+        module = HeadOutputs(model, self.weighting).eval()
+        size = self.recipe.train.batch_size
+        sums: dict[str, float] = {}
+        for start in range(0, min(limit, len(self.train_examples)), size):
+            for key, value in self.eval_sums(module, self.collate(self.train_examples[start : start + size]).to(self.device)).items():
+                sums[key] = sums.get(key, 0.0) + value
+        self.eval_metrics(sums)
+        return self.reward_stats
