@@ -46,4 +46,7 @@ COMMANDS: dict[str, Command] = {
     "rm": Command(RMRecipe, "posttrain.train.tasks.reward_model:RewardModelTask",
                   "reward model: Bradley-Terry on preference pairs (margins, centering), multi-objective heads on ratings; "
                   "final/ loads with AutoModelForSequenceClassification"),
+    "prm": Command(PRMRecipe, "posttrain.train.tasks.process_reward:ProcessRewardTask",
+                   "process reward model: a correctness label per solution step, read at each step's separator "
+                   "(TRL's PRM layout); final/ loads with AutoModelForTokenClassification"),
 }

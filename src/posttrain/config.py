@@ -593,6 +593,15 @@ class PRMRecipe(Recipe):
 
     prm: PRMConfig = Field(default_factory=PRMConfig)
 
+    @model_validator(mode="after")
+    def _raw_text_layout(self) -> "PRMRecipe":
+        if self.data.truncation != "right":
+            raise ValueError("data.truncation: a PRM row keeps its first data.max_length tokens (TRL's layout); "
+                             "shorten prompts with prm.max_prompt_length")
+        self.data.unused(("chat_template", "assistant_only_loss"), "a PRM reads raw text (prompt, steps, separators) "
+                         "and is trained only on the steps' labels")
+        return self
+
 
 def recipes_dir() -> Path:
     return Path(str(importlib.resources.files("posttrain") / "recipes"))

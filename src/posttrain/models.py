@@ -196,6 +196,8 @@ def peft_config(cfg, explicitly_set: set[str], task_type: str = "CAUSAL_LM"):
             raise UserError(f"peft.{key} does not apply to peft.method: {cfg.method}")
     if method == "eva":
         kwargs.setdefault("eva_config", peft.EvaConfig())
+    if task_type != "CAUSAL_LM" and "exclude_modules" in fields:  # the head trains in full (modules_to_save), no adapter
+        kwargs["exclude_modules"] = ["score", "classifier"]
     unknown = set(cfg.options) - set(fields)
     if unknown:
         raise UserError(f"peft.options: {sorted(unknown)} are not fields of {config_class.__name__}")

@@ -269,3 +269,29 @@ def _ratings(check: RecordChecker, value, name: str, attributes) -> dict[str, fl
             raise check.fail(f"{name}.{key}", f"must be a number, got {rating!r}")
         out[key] = float(rating)
     return out
+
+
+@dataclass
+class StepsExample:
+    """Process supervision: a prompt, the solution's steps and a correctness label per step (TRL's stepwise layout)."""
+
+    prompt: str
+    steps: list[str]
+    labels: list[bool]
+
+
+def parse_steps(path: str, where: str, record: dict) -> StepsExample:
+    """``{prompt, completions: [step, ...], labels: [bool, ...]}``."""
+    check = RecordChecker(path, where, record)
+    prompt = check.text(record.get("prompt", ""), "prompt")
+    steps, labels = check.require("completions"), check.require("labels")
+    if not isinstance(steps, list) or not steps:
+        raise check.fail("completions", "must be a non-empty list of steps (strings)")
+    for i, step in enumerate(steps):
+        check.text(step, f"completions[{i}]")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise check.fail("labels", f"must be a list of {len(steps)} booleans, one per step")
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            raise check.fail(f"labels[{i}]", f"must be true (a correct step) or false, got {label!r}")
+    return StepsExample(prompt, list(steps), list(labels))

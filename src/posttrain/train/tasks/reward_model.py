@@ -98,7 +98,37 @@ def last_positions(batch: Batch) -> torch.Tensor:
     return last
 
 
-class RewardModelTask(OfflineTask):
+class ClassifierTask(OfflineTask):
+    """What reward and process reward models share: a classifier model in, a plain classifier (adapters merged, pad
+    token set, the task's annotations in config.json) out."""
+
+    per_token = False  # token classification (one output per position) instead of sequence classification
+    num_labels = 1
+
+    def load_model(self, path: str):
+        from posttrain.models import load_classifier
+
+        model = load_classifier(path, self.num_labels, self.per_token, self.recipe.trust_remote_code)
+        model.config.pad_token_id = self.tokenizer.pad_token_id  # transformers' own forward needs it for batches
+        if decoder_trunk_and_head(model)[0] is None and (self.recipe.train.packing or self.recipe.train.padding_free):
+            raise UserError(f"model: {type(model).__name__} pools with its own head, which packed rows would mix; "
+                            "set train.packing: false (and train.padding_free: false)")
+        return model
+
+    def save_final(self, model, tokenizer, directory) -> None:
+        from posttrain.export import merged
+        from posttrain.models import save_final
+
+        model = merged(model)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        self.annotate(model)
+        save_final(model, tokenizer, directory)
+
+    def annotate(self, model) -> None:
+        """Write what later users of the model need into ``model.config``."""
+
+
+class RewardModelTask(ClassifierTask):
     name = "rm"
     peft_task_type = "SEQ_CLS"
     progress = {"acc": "accuracy"}
@@ -115,16 +145,6 @@ class RewardModelTask(OfflineTask):
     @property
     def num_labels(self) -> int:
         return max(len(self.objectives), 1)
-
-    def load_model(self, path: str):
-        from posttrain.models import load_classifier
-
-        model = load_classifier(path, self.num_labels, trust_remote_code=self.recipe.trust_remote_code)
-        model.config.pad_token_id = self.tokenizer.pad_token_id  # transformers' own forward needs it for batches
-        if decoder_trunk_and_head(model)[0] is None and (self.recipe.train.packing or self.recipe.train.padding_free):
-            raise UserError(f"model: {type(model).__name__} pools with its own head, which packed rows would mix; "
-                            "set train.packing: false (and train.padding_free: false)")
-        return model
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, which: str, quiet: bool = False) -> list[RewardExample]:
@@ -259,21 +279,14 @@ class RewardModelTask(OfflineTask):
         return metrics
 
     # -- the saved model --------------------------------------------------------------------------
-    def save_final(self, model, tokenizer, directory) -> None:
-        from posttrain.export import merged
-        from posttrain.models import save_final
-
-        stats = self.reward_stats or self.training_reward_stats(model)
-        model = merged(model)
+    def annotate(self, model) -> None:
         config = model.config
-        config.pad_token_id = tokenizer.pad_token_id
         if self.objectives:
             config.id2label = dict(enumerate(self.objectives))
             config.label2id = {name: k for k, name in enumerate(self.objectives)}
             config.reward_weights = dict(zip(self.objectives, self.weighting.weights().detach().double().tolist()))
-        for key, value in stats.items():
+        for key, value in (self.reward_stats or self.training_reward_stats(model)).items():
             setattr(config, key, value)
-        save_final(model, tokenizer, directory)
 
     @torch.no_grad()
     def training_reward_stats(self, model, limit: int = 256) -> dict[str, float]:
