@@ -45,11 +45,43 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=5e-5 peft.method=dora")
         sub.set_defaults(handler=lambda a, name=name: cmd_train(name, a))
 
-    gen = commands.add_parser("generate", help="generate a reply from a model")
+    gen = commands.add_parser("generate", help="generate replies, optionally with inference-time alignment",
+                              description="Generate replies. Inference-time alignment: --best-of N with --reward, "
+                              "--vote N (self-consistency, weighted by --reward if given), --urial (a base model aligned "
+                              "in context), --nudge MODEL (an aligned model writes where the base is unsure), "
+                              "--guided-chunks M (reward-guided decoding over chunks of M tokens).")
     gen.add_argument("model", help="'default', a HF directory, a run directory, a .gguf file or a hub id")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--data", help="prompts from a data file ({prompt, ...}; other fields reach reward functions)")
+    gen.add_argument("--limit", type=int, default=None, help="use the first N records of --data")
+    gen.add_argument("--out", help="write one JSON line per prompt (completion, candidates, scores, ...)")
     add_sampling_args(gen)
+    gen.add_argument("--best-of", type=int, default=None, metavar="N", help="sample N replies, keep the best by --reward")
+    gen.add_argument("--vote", type=int, default=None, metavar="N", help="sample N replies, answer by majority vote over "
+                     "their final answers (weighted by --reward when given: scores in [0, 1] as they are, others through a sigmoid)")
+    gen.add_argument("--reward", help="a reward model or PRM directory / run, or a reward function name (math_answer, "
+                   "format, length, ... or module:function)")
+    gen.add_argument("--aggregate", default="min", choices=["min", "last", "mean", "prod"],
+                     help="how a process reward model combines step scores")
+    gen.add_argument("--urial", nargs="?", const="", default=None, metavar="FILE",
+                     help="URIAL: prompt a base model with the shipped (or FILE's) system text and examples")
+    gen.add_argument("--nudge", metavar="MODEL", help="nudging: this aligned model writes the next word wherever the "
+                     "base model's top-1 probability is below --nudge-threshold")
+    gen.add_argument("--nudge-threshold", type=float, default=0.4)
+    gen.add_argument("--guided-chunks", type=int, default=None, metavar="M",
+                     help="reward-guided decoding: sample --candidates continuations of M tokens, keep the best by --reward")
+    gen.add_argument("--candidates", type=int, default=4, metavar="K")
     gen.set_defaults(handler=cmd_generate)
+
+    score = commands.add_parser("score", help="score a data file with a reward model or process reward model")
+    score.add_argument("model", help="a reward model (posttrain rm) or process reward model (posttrain prm) directory / run")
+    score.add_argument("data", help="pairs, {prompt, responses}, {prompt, completion} or {prompt, completions: [steps]}")
+    score.add_argument("--out", required=True, help="scores.jsonl: each record with its scores")
+    score.add_argument("--limit", type=int, default=None, help="score the first N records")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--aggregate", default="min", choices=["min", "last", "mean", "prod"],
+                       help="how a process reward model combines step scores into a solution score")
+    score.set_defaults(handler=cmd_score)
 
     chat = commands.add_parser("chat", help="chat with a model in the terminal")
     chat.add_argument("model", help="'default', a HF directory, a run directory, a .gguf file or a hub id")
@@ -84,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (the default, except 0.8 where "
+                        "several samples are drawn)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--no-chat", action="store_true", help="raw text prompt, no chat template")
 
@@ -133,14 +166,26 @@ def load_for_inference(spec: str):
 
 
 def cmd_generate(args) -> int:
-    from posttrain.rollout.generate import generate
+    from posttrain.infer.cli import generate_command
 
-    model, tokenizer = load_for_inference(args.model)
-    replies = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, chat=not args.no_chat)
-    for prompt, reply in zip(args.prompt, replies):
-        if len(args.prompt) > 1:
-            print(f"### {prompt}")
-        print(reply)
+    return generate_command(args)
+
+
+def cmd_score(args) -> int:
+    import json
+
+    from posttrain.data.load import read_records
+    from posttrain.infer.score import score_records, summarize
+    from posttrain.rewards.model import load_scorer
+
+    scorer = load_scorer(args.model, batch_size=args.batch_size, aggregate=args.aggregate)
+    from posttrain.data.adapters import adapt
+
+    records = [(args.data, where, adapt("auto", record, args.data, where)) for where, record in read_records(args.data, args.limit)]
+    scored = score_records(scorer, records, args.batch_size, progress=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in scored))
+    print("\n".join(summarize(scored)) + f"\nwrote {args.out}")
     return 0
 
 
@@ -161,7 +206,7 @@ def cmd_chat(args) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        reply = generate(model, tokenizer, [history], args.max_new_tokens, args.temperature, args.top_p)[0]
+        reply = generate(model, tokenizer, [history], args.max_new_tokens, args.temperature or 0.0, args.top_p)[0]
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}")
     return 0

@@ -66,12 +66,13 @@ def score_head(model) -> torch.nn.Module:
     raise UserError(f"{type(model).__name__}: no score head (looked for {', '.join(SCORE_HEADS)})")
 
 
-def render(tokenizer, prompt: str | list[dict], completion: str) -> str:
-    """The text a reward model scores: the conversation with the completion as the assistant's turn, in the
-    reward model's chat template; a raw-text prompt is simply continued."""
-    if isinstance(prompt, str):
+def render(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> str:
+    """The text a reward model scores: the conversation with the completion as the assistant's turn (or turns, given
+    as messages), in the reward model's chat template; a raw-text prompt is simply continued."""
+    if isinstance(prompt, str) and isinstance(completion, str):
         return prompt + completion
-    messages = [*prompt, {"role": "assistant", "content": completion}]
+    turns = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    messages = [*([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt), *turns]
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return "\n\n".join(m["content"] for m in messages)
@@ -105,3 +106,77 @@ class RewardModel:
         hidden = self.model.base_model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         scores = self.head(hidden[torch.arange(len(ids)), ends]).double().cpu()
         return (scores @ self.weights if self.weights is not None else scores.squeeze(-1)).tolist()
+
+
+AGGREGATES = {"min": min, "last": lambda scores: scores[-1], "mean": lambda scores: sum(scores) / len(scores),
+              "prod": lambda scores: float(torch.tensor(scores, dtype=torch.float64).prod())}
+
+
+def plain_text(prompt: str | list[dict]) -> str:
+    """A process reward model reads raw text: a conversation's turns, one per line."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+class ProcessRewardModel:
+    """Scores the steps of solutions with a process reward model (a 2-class token classifier, ``posttrain prm``):
+    a step's score is P(correct) at its separator; a completion is split into steps at the separator and scored
+    by ``aggregate`` (min, last, mean or prod) of its steps."""
+
+    def __init__(self, spec: str, device="cpu", batch_size: int = 16, aggregate: str = "min", trust_remote_code: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForTokenClassification
+
+        from posttrain.models import load_tokenizer, not_loadable, resolve_model
+
+        if aggregate not in AGGREGATES:
+            raise UserError(f"aggregate: one of {', '.join(AGGREGATES)}, not {aggregate!r}")
+        path = resolve_model(spec)
+        try:
+            self.model, info = AutoModelForTokenClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+        except OSError as exc:
+            raise not_loadable(spec, exc) from None
+        missing = [k for k in info["missing_keys"] if k.split(".")[0] in SCORE_HEADS]
+        if missing or self.model.config.num_labels != 2:
+            raise UserError(f"{spec} is not a process reward model (a 2-class token classifier with a trained head); "
+                            "train one with posttrain prm")
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
+        self.separator = getattr(self.model.config, "step_separator", "\n")
+        self.model.to(device).eval()
+        self.device, self.batch_size, self.aggregate = device, batch_size, AGGREGATES[aggregate]
+
+    @torch.no_grad()
+    def step_scores(self, prompts: list, solutions: list[list[str]]) -> list[list[float]]:
+        from posttrain.data.batching import right_padded
+        from posttrain.data.formats import StepsExample
+        from posttrain.train.tasks.process_reward import tokenize_steps
+
+        out: list[list[float]] = []
+        for lo in range(0, len(prompts), self.batch_size):
+            rows = [tokenize_steps(StepsExample(plain_text(p), steps, [True] * len(steps)), self.tokenizer, self.separator)
+                    for p, steps in zip(prompts[lo : lo + self.batch_size], solutions[lo : lo + self.batch_size])]
+            input_ids, mask, _ = right_padded([ids for ids, _, _ in rows], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            correct = logits.double().softmax(-1)[..., 1].cpu()
+            out += [correct[r, positions].tolist() for r, (_, positions, _) in enumerate(rows)]
+        return out
+
+    def split(self, completion: str) -> list[str]:
+        steps = [step for step in completion.split(self.separator) if step.strip()]
+        return steps or [completion]
+
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+        return [self.aggregate(scores) for scores in self.step_scores(prompts, [self.split(c) for c in completions])]
+
+
+def load_scorer(spec: str, device="cpu", batch_size: int = 16, aggregate: str = "min", trust_remote_code: bool = False):
+    """A reward model or a process reward model, told apart by the architecture its config names."""
+    import json
+
+    from posttrain.models import resolve_model
+
+    config = Path(resolve_model(spec)) / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.exists() else []
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return ProcessRewardModel(spec, device, batch_size, aggregate, trust_remote_code)
+    return RewardModel(spec, device, batch_size, trust_remote_code=trust_remote_code)
