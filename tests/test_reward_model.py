@@ -226,3 +226,19 @@ def test_inconsistent_rm_settings_are_refused(tiny_model_dir, tmp_path, override
 
     with pytest.raises(UserError, match=message):
         load_recipe("rm", None, tiny_recipe(tiny_model_dir, tmp_path, **overrides))
+
+
+def test_a_checkpoint_exports_as_the_final_classifier(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.cli import main
+
+    overrides = {"data.train": str(pairs_file(tmp_path, ratings=True)), "rm.objectives": "[correct, concise]",
+                 "rm.weighting": "learned", "train.save_every": 3}
+    run_rm(tiny_model_dir, tmp_path / "run", None, **overrides)
+    assert main(["export", str(tmp_path / "run"), "--checkpoint", "step-3", "--out", str(tmp_path / "exported")]) == 0
+    final, exported = ({k: v.double() for k, v in load_file(tmp_path / d / "model.safetensors").items()}
+                       for d in ("run/final", "exported"))
+    assert_weights_close(final, exported, atol=1e-6)  # the run trained in float64; the export is float32
+    config = lambda d: json.loads((tmp_path / d / "config.json").read_text())  # noqa: E731
+    assert config("exported")["reward_weights"] == pytest.approx(config("run/final")["reward_weights"], abs=1e-6)

@@ -37,10 +37,34 @@ def export_checkpoint(run_dir: Path, name: str, out: Path) -> None:
     if not recipe_file.exists():
         raise UserError(f"export: {recipe_file} is missing")
     tree = yaml.safe_load(recipe_file.read_text())
+    weights = load_file(directory / "trainable.safetensors")
+    classifier = next((command for command in ("rm", "prm") if command in tree), None)  # their own recipe section
+    if classifier:
+        return export_classifier_checkpoint(classifier, tree, weights, out)
     recipe = Recipe.model_validate({k: v for k, v in tree.items() if k in Recipe.model_fields})  # keys every command shares
     path = resolve_model(recipe.model)
     model = apply_peft(load_model(path, recipe.trust_remote_code), recipe.peft, set(), recipe.train.seed)
     params = dict(model.named_parameters())
-    for key, value in load_file(directory / "trainable.safetensors").items():
-        params[key].data.copy_(value)
+    for key, value in weights.items():
+        if key.startswith(("value_head.", "critic.")):  # PPO checkpoints its value model next to the policy
+            continue
+        params[key.removeprefix("policy.")].data.copy_(value)
     save_final(merged(model), load_tokenizer(path), out)
+
+
+def export_classifier_checkpoint(command: str, tree: dict, weights: dict, out: Path) -> None:
+    """A reward or process reward model checkpoint, saved as ``final/`` would be (its learned weighting included;
+    reward statistics are measured at the end of training only)."""
+    from posttrain.commands import COMMANDS
+    from posttrain.config import validate_recipe
+
+    recipe = validate_recipe(command, tree)
+    path = resolve_model(recipe.model)
+    tokenizer = load_tokenizer(path, recipe.trust_remote_code)
+    task = COMMANDS[command].task_class()(recipe, tokenizer)
+    model = apply_peft(task.load_model(path), recipe.peft, set(), recipe.train.seed, task.peft_task_type)
+    task.setup(model, None, [], [])
+    params = dict(task.trained(model).named_parameters())
+    for key, value in weights.items():
+        params[key].data.copy_(value)
+    task.save_final(model, tokenizer, out)

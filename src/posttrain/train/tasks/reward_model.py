@@ -290,7 +290,10 @@ class RewardModelTask(ClassifierTask):
 
     @torch.no_grad()
     def training_reward_stats(self, model, limit: int = 256) -> dict[str, float]:
-        """Without held-out data: the reward moments over (up to ``limit``) training records."""
+        """Without held-out data: the reward moments over (up to ``limit``) training records (none when exporting
+        a checkpoint, which has no data at hand)."""
+        if not self.train_examples:
+            return {}
         module = HeadOutputs(model, self.weighting).eval()
         size = self.recipe.train.batch_size
         sums: dict[str, float] = {}
