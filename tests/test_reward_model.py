@@ -109,6 +109,8 @@ def test_final_loads_with_automodel_for_sequence_classification(tiny_model_dir, 
     record = json.loads(data.read_text().splitlines()[0])
     got = reward_model([record["prompt"]], [record["chosen"][0]["content"]])
     assert got[0] == pytest.approx(scores[0][0], abs=1e-4)
+    normalized = RewardModel(str(final), normalize=True)([record["prompt"]], [record["chosen"][0]["content"]])
+    assert normalized[0] == pytest.approx((got[0] - config["reward_mean"]) / config["reward_std"], abs=1e-9)
 
 
 def test_accumulation_and_packing_do_not_change_the_run(tiny_model_dir, tmp_path):

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "their final answers (weighted by --reward when given: scores in [0, 1] as they are, others through a sigmoid)")
     gen.add_argument("--reward", help="a reward model or PRM directory / run, or a reward function name (math_answer, "
                    "format, length, ... or module:function)")
-    gen.add_argument("--aggregate", default="min", choices=["min", "last", "mean", "prod"],
-                     help="how a process reward model combines step scores")
+    gen.add_argument("--aggregate", default=None, choices=["min", "last", "mean", "prod"],
+                     help="how a process reward model combines step scores (default min)")
     gen.add_argument("--urial", nargs="?", const="", default=None, metavar="FILE",
                      help="URIAL: prompt a base model with the shipped (or FILE's) system text and examples")
     gen.add_argument("--nudge", metavar="MODEL", help="nudging: this aligned model writes the next word wherever the "
@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="scores.jsonl: each record with its scores")
     score.add_argument("--limit", type=int, default=None, help="score the first N records")
     score.add_argument("--batch-size", type=int, default=16)
-    score.add_argument("--aggregate", default="min", choices=["min", "last", "mean", "prod"],
-                       help="how a process reward model combines step scores into a solution score")
+    score.add_argument("--aggregate", default=None, choices=["min", "last", "mean", "prod"],
+                       help="how a process reward model combines step scores into a solution score (default min)")
     score.set_defaults(handler=cmd_score)
 
     chat = commands.add_parser("chat", help="chat with a model in the terminal")
@@ -178,7 +178,8 @@ def cmd_score(args) -> int:
     from posttrain.infer.score import score_records, summarize
     from posttrain.rewards.model import load_scorer
 
-    scorer = load_scorer(args.model, batch_size=args.batch_size, aggregate=args.aggregate)
+    options = {"aggregate": args.aggregate} if args.aggregate else {}
+    scorer = load_scorer(args.model, batch_size=args.batch_size, **options)
     from posttrain.data.adapters import adapt
 
     records = [(args.data, where, adapt("auto", record, args.data, where)) for where, record in read_records(args.data, args.limit)]

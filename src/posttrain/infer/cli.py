@@ -57,7 +57,8 @@ def generate_command(args) -> int:
     chat = not (args.no_chat or urial)
     finish = decoding.urial_answer if urial else (lambda text: text)
     model, tokenizer = load_for_inference(args.model)
-    reward = decoding.load_reward(args.reward, batch_size=16) if args.reward else None
+    options = {"aggregate": args.aggregate} if args.aggregate else {}
+    reward = decoding.load_reward(args.reward, **options) if args.reward else None
     results: list[dict] = []
     if args.best_of or args.vote:
         n = args.best_of or args.vote

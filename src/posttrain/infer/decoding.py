@@ -87,7 +87,7 @@ def load_reward(spec: str, device="cpu", batch_size: int = 16, **options) -> Sco
     if Path(spec).expanduser().exists() or looks_like_path(spec):
         from posttrain.rewards.model import load_scorer
 
-        model = load_scorer(spec, device, batch_size)
+        model = load_scorer(spec, device, batch_size=batch_size, **options)
         return lambda prompts, completions, columns=None: model(prompts, completions)
     from posttrain.errors import UserError
     from posttrain.rewards import resolve_reward

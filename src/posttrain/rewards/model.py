@@ -83,11 +83,17 @@ class RewardModel:
     the answer, where the score is read, is always seen)."""
 
     def __init__(self, spec: str, device="cpu", batch_size: int = 16, max_length: int = 2048, trust_remote_code: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, normalize: bool = False):
         self.model, self.tokenizer = load_reward_model(spec, dtype, trust_remote_code=trust_remote_code)
         self.model.to(device)
         self.head = score_head(self.model)
         self.weights = reward_weights(self.model.config)
+        self.shift, self.scale = 0.0, 1.0
+        if normalize:  # (r - mean) / std with the statistics posttrain rm saved
+            config = self.model.config
+            if not getattr(config, "reward_std", None):
+                raise UserError(f"{spec}: normalize needs reward_mean and reward_std in config.json (posttrain rm saves them)")
+            self.shift, self.scale = config.reward_mean, config.reward_std
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
 
     @torch.no_grad()
@@ -105,7 +111,8 @@ class RewardModel:
         input_ids, mask, ends = right_padded(ids, self.tokenizer.pad_token_id)
         hidden = self.model.base_model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         scores = self.head(hidden[torch.arange(len(ids)), ends]).double().cpu()
-        return (scores @ self.weights if self.weights is not None else scores.squeeze(-1)).tolist()
+        rewards = scores @ self.weights if self.weights is not None else scores.squeeze(-1)
+        return ((rewards - self.shift) / self.scale).tolist()
 
 
 AGGREGATES = {"min": min, "last": lambda scores: scores[-1], "mean": lambda scores: sum(scores) / len(scores),
@@ -169,8 +176,9 @@ class ProcessRewardModel:
         return [self.aggregate(scores) for scores in self.step_scores(prompts, [self.split(c) for c in completions])]
 
 
-def load_scorer(spec: str, device="cpu", batch_size: int = 16, aggregate: str = "min", trust_remote_code: bool = False):
-    """A reward model or a process reward model, told apart by the architecture its config names."""
+def load_scorer(spec: str, device="cpu", trust_remote_code: bool = False, **options):
+    """A reward model or a process reward model, told apart by the architecture its config names; ``options`` go to
+    its class (batch_size, dtype; max_length and normalize for a reward model, aggregate for a PRM)."""
     import json
 
     from posttrain.models import resolve_model
@@ -178,5 +186,10 @@ def load_scorer(spec: str, device="cpu", batch_size: int = 16, aggregate: str = 
     config = Path(resolve_model(spec)) / "config.json"
     architectures = json.loads(config.read_text()).get("architectures") or [] if config.exists() else []
     if any(a.endswith("ForTokenClassification") for a in architectures):
-        return ProcessRewardModel(spec, device, batch_size, aggregate, trust_remote_code)
-    return RewardModel(spec, device, batch_size, trust_remote_code=trust_remote_code)
+        kind = ProcessRewardModel
+    else:
+        kind = RewardModel
+    try:
+        return kind(spec, device, trust_remote_code=trust_remote_code, **options)
+    except TypeError as exc:
+        raise UserError(f"{spec}: {kind.__name__} options: {exc}") from None

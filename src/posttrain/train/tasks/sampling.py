@@ -92,14 +92,13 @@ class SamplingTask(OfflineTask):
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
-        from posttrain.rewards.model import RewardModel
+        from posttrain.rewards.model import load_scorer
         from posttrain.rewards.runner import RewardRunner
 
         super().setup(model, accelerator, train, evaluation)
         self.model = model
         self.backend = self.generation_backend(model)
-        models = [(r.label, r.weight, RewardModel(r.model, self.device, trust_remote_code=self.recipe.trust_remote_code,
-                                                  **r.options))
+        models = [(r.label, r.weight, load_scorer(r.model, self.device, self.recipe.trust_remote_code, **r.options))
                   for r in self.recipe.rewards if r.model is not None]
         self.runner = RewardRunner([(r.name, r.weight, r.options) for r in self.recipe.rewards if r.model is None],
                                    self.cfg.reward_workers, self.cfg.reward_timeout, models)
