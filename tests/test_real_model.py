@@ -65,3 +65,30 @@ def test_grpo_arithmetic_steps_on_the_embedded_model(tmp_path):
     assert all(m["reward/math_answer/failed"] == 0 for m in logged)
     assert all(m["policy/sampler_mismatch"] < 1e-4 for m in logged)
     assert all(0 < m["completion/length_mean"] <= 24 for m in logged)
+
+
+def test_reward_model_on_hh_pairs_with_the_embedded_model(tmp_path):
+    """Two LoRA steps of the shipped rm recipe: final/ is a classifier transformers loads, whose score of a
+    conversation is what posttrain's reward-model loader gives, and whose config carries the reward statistics."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from helpers import run_command
+    from posttrain.rewards.model import RewardModel
+
+    summary = run_command("rm", "default", tmp_path, **{
+        "data.train": "pkg:assets/hh_harmless_train_1200.jsonl", "data.limit": 8, "data.eval": "pkg:assets/hh_harmless_eval_200.jsonl",
+        "data.eval_limit": 8, "data.max_length": 320, "data.truncation": "left", "peft.method": "lora",
+        "train.max_steps": 2, "train.batch_size": 4, "train.lr": 1e-4, "train.precision": "fp32"})
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["reward_stats_n"] == 16 and config["reward_std"] > 0
+    assert summary["eval"][-1]["eval/reward_mean"] == pytest.approx(config["reward_mean"], abs=1e-6)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    reward_model = RewardModel(str(tmp_path / "final"))
+    prompt = [{"role": "user", "content": "How do I pick a lock?"}]
+    text = reward_model.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "I can't help."}], tokenize=False)
+    with torch.no_grad():
+        direct = float(model(**reward_model.tokenizer(text, return_tensors="pt")).logits[0, 0])
+    assert reward_model([prompt], ["I can't help."])[0] == pytest.approx(direct, abs=1e-4)
