@@ -67,6 +67,15 @@ def trl_loss(model, task, examples, center):
         return float(trainer.compute_loss(model.eval(), inputs)), trainer._metrics["eval"]
 
 
+def test_long_sequences_lose_their_beginning_not_the_token_the_reward_is_read_at(tiny_model_dir, tmp_path):
+    task, examples = build_task(tiny_model_dir, tmp_path, pairs_file(tmp_path, n=2), **{"data.max_length": 12})
+    assert task.recipe.data.truncation == "left"
+    _, full = build_task(tiny_model_dir, tmp_path, pairs_file(tmp_path, n=2))
+    for cut, whole in zip(examples, full):
+        assert cut.sequences[0].truncated and len(cut.sequences[0].input_ids) == 12
+        assert cut.sequences[0].input_ids.tolist() == whole.sequences[0].input_ids[-12:].tolist()
+
+
 def test_loss_and_scores_equal_trl_reward_trainer_on_transformers_forward(tiny_model_dir, tmp_path):
     task, examples = build_task(tiny_model_dir, tmp_path, pairs_file(tmp_path, n=8, margins=True),
                                 **{"rm.center_rewards_coefficient": 0.01})
@@ -220,6 +229,7 @@ def test_bad_reward_records_name_the_line_and_field(tiny_model_dir, tmp_path, re
     ({"rm.weighting": "learned"}, "multi-objective settings"),
     ({"rm.objectives": "[a, b]", "rm.weights": "{a: 1.0}"}, "one weight per objective"),
     ({"rm.objectives": "[a, b]", "rm.weighting": "learned", "rm.weights": "{a: 1.0, b: 1.0}"}, "exclude each other"),
+    ({"data.truncation": "right"}, "cut off the end of long answers"),
 ])
 def test_inconsistent_rm_settings_are_refused(tiny_model_dir, tmp_path, overrides, message):
     from posttrain.config import load_recipe

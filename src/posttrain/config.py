@@ -578,6 +578,16 @@ class RMRecipe(PreferenceRecipe):
 
     rm: RewardModelConfig = Field(default_factory=RewardModelConfig)
 
+    @model_validator(mode="after")
+    def _keep_the_last_token(self) -> "RMRecipe":
+        """The reward is read at the last token: cutting long sequences on the right would read it mid-answer."""
+        if self.data.truncation == "right":
+            if "truncation" in self.data.model_fields_set:
+                raise ValueError("data.truncation: right would cut off the end of long answers, where the reward is "
+                                 "read; use left (the default for rm) or drop")
+            self.data.truncation = "left"
+        return self
+
 
 class PRMConfig(Section):
     step_separator: str = Field("\n", description="appended to every step; its last token carries the step's label "
