@@ -56,6 +56,25 @@ def test_dpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path):
     assert_weights_close(final_weights(single), final_weights(double), atol=1e-5)
 
 
+def test_reward_model_on_two_processes_equals_one_process(tiny_model_dir, tmp_path):
+    """Learned multi-objective weighting included: it lives inside the distributed module's forward."""
+    from test_reward_model import pairs_file
+
+    train = pairs_file(tmp_path, ratings=True)
+    (tmp_path / "eval").mkdir()
+    common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora", "data.train": str(train),
+              "data.eval": str(pairs_file(tmp_path / "eval", n=7)), "rm.objectives": "[correct, concise]",
+              "rm.weighting": "learned"}
+    single, double = single_and_two_processes("rm", tiny_model_dir, tmp_path, common, accum_two=1, port=29519)
+    for a, b in zip(metrics(single), metrics(double)):
+        for key in ("loss", "grad_norm", "accuracy", "margin", "weight/correct"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert_weights_close(final_weights(single), final_weights(double), atol=1e-5)
+    evals = [metrics(run, "eval.jsonl")[-1] for run in (single, double)]
+    assert evals[0]["eval/accuracy"] == evals[1]["eval/accuracy"]
+    assert evals[0]["eval/reward_mean"] == pytest.approx(evals[1]["eval/reward_mean"], abs=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
 def test_grpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path, mode):
     """Advantages over the whole step (gathered), completions sampled by per-sample seeds, the aggregation's
