@@ -5,7 +5,8 @@ asked as "What is a op b? Answer with the number only."; the record's ``answer``
 scored by the ``math_answer`` reward. The problem space is enumerated and split once, by a fixed seed,
 into a held-out set and a training set that never share a problem; ``python -m posttrain.data.arithmetic``
 rewrites the shipped files (``assets/arithmetic_{train,eval_200}.jsonl``) identically, and the files of the
-tool-use recipe with large numbers (``assets/arithmetic_large_{train,eval_200}.jsonl``, :func:`large_split`).
+tool-use recipe with large numbers (``assets/arithmetic_large_{train,eval_200}.jsonl``, :func:`large_split`) and the
+step-labeled chains of the process-reward recipe (``assets/arithmetic_steps_{train,eval_200}.jsonl``, :func:`step_chains`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,28 @@ def large_split(train_size: int = 1200, held_out: int = 200, seed: int = 0) -> t
     return train[:train_size], evaluation
 
 
+def step_chains(count: int, seed: int = 0, error_rate: float = 0.25) -> list[dict]:
+    """Process-supervision data: three-step sums and differences of small numbers, solved step by step, where each
+    step is wrong (off by 1 to 3) with probability ``error_rate``. A step is labeled correct only if it and every
+    step before it are right (the solution is still on track, as in Math-Shepherd's labels)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        start, moves = rng.randint(10, 60), [(rng.choice("+-"), rng.randint(2, 19)) for _ in range(3)]
+        question = f"Start from {start}, then " + ", then ".join(
+            f"{'add' if op == '+' else 'subtract'} {n}" for op, n in moves) + ". What is the result?"
+        value, steps, labels, on_track = start, [], [], True
+        for op, n in moves:
+            right = value + n if op == "+" else value - n
+            shown = right + rng.choice([-3, -2, -1, 1, 2, 3]) if rng.random() < error_rate else right
+            on_track = on_track and shown == right
+            steps.append(f"{value} {op} {n} = {shown}")
+            labels.append(on_track)
+            value = shown
+        records.append({"prompt": question, "completions": steps, "labels": labels})
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
@@ -83,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     large_train, large_eval = large_split(held_out=args.held_out, seed=args.seed)
     for name, records in (("arithmetic_train.jsonl", train), (f"arithmetic_eval_{args.held_out}.jsonl", evaluation),
                           ("arithmetic_large_train.jsonl", large_train),
-                          (f"arithmetic_large_eval_{args.held_out}.jsonl", large_eval)):
+                          (f"arithmetic_large_eval_{args.held_out}.jsonl", large_eval),
+                          ("arithmetic_steps_train.jsonl", step_chains(2000, args.seed)),
+                          (f"arithmetic_steps_eval_{args.held_out}.jsonl", step_chains(args.held_out, args.seed + 1))):
         (args.out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"{args.out / name}: {len(records)} problems")
 
