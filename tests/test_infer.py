@@ -169,3 +169,26 @@ def test_reward_guided_decoding_keeps_the_best_chunk(tiny_model_dir):
     for options, kept in zip(seen, seen[1:]):  # each round extends the longest option of the one before
         assert all(o.startswith(max(options, key=len)) for o in kept)
     assert result["completion"] == max(seen[-1], key=len) and result["score"] == len(result["completion"])
+
+
+def test_generate_urial_nudge_and_guided_chunks_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    preamble = tmp_path / "urial.txt"
+    preamble.write_text("# Instruction\n\nBe kind.")
+    assert cli("generate", tiny_model_dir, "--prompt", "Say hi", "--urial", preamble, "--max-new-tokens", 6,
+               "--out", tmp_path / "u.jsonl") == 0
+    row = json.loads((tmp_path / "u.jsonl").read_text())
+    assert "```" not in row["completion"] and "# Query:" not in row["completion"]
+
+    nudger = tmp_path / "nudger"
+    from posttrain.models import load_tokenizer
+
+    build_model(len(load_tokenizer(str(tiny_model_dir))), seed=5).save_pretrained(nudger)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(nudger)
+    assert cli("generate", tiny_model_dir, "--prompt", "Say hi", "--prompt", "Say yo", "--nudge", nudger,
+               "--nudge-threshold", 1.01, "--max-new-tokens", 5) == 0
+    assert "nudged tokens: 100.0%" in capsys.readouterr().out
+
+    assert cli("generate", tiny_model_dir, "--prompt", "Say hi", "--guided-chunks", 3, "--candidates", 2,
+               "--reward", "length", "--max-new-tokens", 6, "--out", tmp_path / "g.jsonl") == 0
+    row = json.loads((tmp_path / "g.jsonl").read_text())
+    assert 1 <= row["chunks"] <= 2 and row["score"] == pytest.approx(len(row["completion"]) / 1000)
