@@ -206,7 +206,15 @@ def test_any_sequence_classification_model_trains_unpacked(tiny_tokenizer, tmp_p
     summary = run_rm(directory, tmp_path / "run", data, **{"peft.method": "none", "train.packing": False,
                                                              "data.eval": str(data), "train.lr": 1e-3})
     assert math.isfinite(summary["last_loss"])
-    AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final").eval()
+    from posttrain.rewards.model import RewardModel
+
+    scorer = RewardModel(str(tmp_path / "run" / "final"))
+    prompt, answers = [{"role": "user", "content": "What is 2 + 3?"}], ["2 + 3 = 5", "It is 7, or maybe 6."]
+    texts = [scorer.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": a}], tokenize=False) for a in answers]
+    with torch.no_grad():  # BERT pools its first token: the loader uses the model's own forward
+        direct = [float(model(**scorer.tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits) for t in texts]
+    assert scorer([prompt, prompt], answers) == pytest.approx(direct, abs=1e-5)
 
 
 @pytest.mark.parametrize("record,objectives,message", [

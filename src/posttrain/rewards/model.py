@@ -59,13 +59,6 @@ def reward_weights(config) -> torch.Tensor | None:
     return torch.tensor([float(weights[label]) for label in labels], dtype=torch.float64)
 
 
-def score_head(model) -> torch.nn.Module:
-    for name in SCORE_HEADS:
-        if isinstance(head := getattr(model, name, None), torch.nn.Module):
-            return head
-    raise UserError(f"{type(model).__name__}: no score head (looked for {', '.join(SCORE_HEADS)})")
-
-
 def render(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> str:
     """The text a reward model scores: the conversation with the completion as the assistant's turn (or turns, given
     as messages), in the reward model's chat template; a raw-text prompt is simply continued."""
@@ -80,13 +73,15 @@ def render(tokenizer, prompt: str | list[dict], completion: str | list[dict]) ->
 
 class RewardModel:
     """Scores completions in batches on ``device``; ``max_length`` tokens at most (cut on the left, so the end of
-    the answer, where the score is read, is always seen)."""
+    the answer, where a decoder's score is read, is always seen)."""
 
     def __init__(self, spec: str, device="cpu", batch_size: int = 16, max_length: int = 2048, trust_remote_code: bool = False,
                  dtype: torch.dtype = torch.float32, normalize: bool = False):
         self.model, self.tokenizer = load_reward_model(spec, dtype, trust_remote_code=trust_remote_code)
+        from posttrain.train.forward import HeadOutputs
+
         self.model.to(device)
-        self.head = score_head(self.model)
+        self.read = HeadOutputs(self.model)  # the same reading as in training: last token, or the model's own pooling
         self.weights = reward_weights(self.model.config)
         self.shift, self.scale = 0.0, 1.0
         if normalize:  # (r - mean) / std with the statistics posttrain rm saved
@@ -109,8 +104,10 @@ class RewardModel:
 
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length:] for t in texts]
         input_ids, mask, ends = right_padded(ids, self.tokenizer.pad_token_id)
-        hidden = self.model.base_model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        scores = self.head(hidden[torch.arange(len(ids)), ends]).double().cpu()
+        width = input_ids.shape[1]
+        positions = torch.arange(width).expand_as(input_ids)
+        last = torch.arange(len(ids)) * width + ends  # flat positions: where a decoder classifier's head reads
+        scores = self.read(*(t.to(self.device) for t in (input_ids, positions, mask, last))).double().cpu()
         rewards = scores @ self.weights if self.weights is not None else scores.squeeze(-1)
         return ((rewards - self.shift) / self.scale).tolist()
 
