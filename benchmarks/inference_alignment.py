@@ -8,7 +8,8 @@ model: the mean reward of the kept reply (with a 95% normal interval over prompt
 reward model selects and scores, so the curve shows how hard the selection optimizes that reward, not that a person
 would prefer the replies. ``vote`` samples N answers to the held-out arithmetic problems of the RL recipes and
 answers by majority vote over the first 1, 5, 11 (accuracy with a Wilson interval), next to greedy decoding and to
-pass@N (some sample is right: the ceiling of any selection). Each prints a Markdown table and writes JSON lines.
+pass@N (some sample is right: the ceiling of any selection), each with its paired gain over a single sample (a 95%
+interval of the per-question differences). Each prints a Markdown table and writes JSON lines.
 """
 
 from __future__ import annotations
@@ -65,18 +66,21 @@ def best_of_n_curve(args) -> list[dict]:
         kept = best_of_n(candidates, scores, n)
         rows.append({"method": "best_of_n", "n": n, "completions": [t for _, t, _ in kept], "scores": [s for _, _, s in kept]})
     out = []
+    one = next(row["scores"] for row in rows if row["method"] == "best_of_n" and row["n"] == 1)
     for row in rows:
         mean, low, high = mean_interval(row["scores"])
+        gain, gain_low, gain_high = mean_interval([a - b for a, b in zip(row["scores"], one)])
         out.append({"workload": "best_of_n", "method": row["method"], "n": row["n"], "prompts": len(prompts),
-                    "reward_mean": mean, "ci95": [low, high],
-                    "chars_mean": statistics.fmean(len(c) for c in row["completions"])})
+                    "reward_mean": mean, "ci95": [low, high], "gain_over_one_sample": gain,
+                    "gain_ci95": [gain_low, gain_high], "chars_mean": statistics.fmean(len(c) for c in row["completions"])})
     print(f"\nbest-of-N on {len(prompts)} held-out HH-RLHF harmless prompts; policy {args.policy}, reward model "
           f"{args.reward}; samples at T={args.temperature}, {args.max_new_tokens} new tokens; "
           f"{time.perf_counter() - started:.0f} s on {cpu_name()}\n")
-    print("| selection | N | mean reward (95% CI) | mean length (chars) |\n|---|---|---|---|")
+    print("| selection | N | mean reward (95% CI) | paired gain over one sample (95% CI) | mean length (chars) |\n"
+          "|---|---|---|---|---|")
     for r in out:
         print(f"| {r['method']} | {r['n']} | {r['reward_mean']:.3f} ({r['ci95'][0]:.3f} to {r['ci95'][1]:.3f}) | "
-              f"{r['chars_mean']:.0f} |")
+              f"{r['gain_over_one_sample']:+.3f} ({r['gain_ci95'][0]:+.3f} to {r['gain_ci95'][1]:+.3f}) | {r['chars_mean']:.0f} |")
     return out
 
 
@@ -103,16 +107,20 @@ def vote_curve(args) -> list[dict]:
         rows.append(("majority_vote", n, voted))
         rows.append(("pass_at_n", n, [any(is_correct(c, a) for c in group[:n]) for group, a in zip(samples, answers)]))
     out = []
+    first = next(right for method, n, right in rows if method == "majority_vote" and n == 1)
     for method, n, right in rows:
         low, high = wilson_interval(sum(right), len(right))
+        gain, gain_low, gain_high = mean_interval([float(a) - float(b) for a, b in zip(right, first)])
         out.append({"workload": "vote", "method": method, "n": n, "questions": len(right), "correct": sum(right),
-                    "accuracy": sum(right) / len(right), "ci95": [low, high]})
+                    "accuracy": sum(right) / len(right), "ci95": [low, high],
+                    "gain_over_one_sample": gain, "gain_ci95": [gain_low, gain_high], "per_question": right})
     print(f"\nmajority vote on {len(prompts)} held-out arithmetic problems; policy {args.policy}; samples at "
           f"T={args.temperature}, {args.max_new_tokens} new tokens; {time.perf_counter() - started:.0f} s on {cpu_name()}\n")
-    print("| method | N | accuracy (95% CI) | correct / n |\n|---|---|---|---|")
+    print("| method | N | accuracy (95% CI) | correct / n | paired gain over one sample (95% CI) |\n|---|---|---|---|---|")
     for r in out:
         print(f"| {r['method']} | {r['n']} | {r['accuracy']:.1%} ({r['ci95'][0]:.1%} to {r['ci95'][1]:.1%}) | "
-              f"{r['correct']}/{r['questions']} |")
+              f"{r['correct']}/{r['questions']} | {r['gain_over_one_sample']:+.1%} ({r['gain_ci95'][0]:+.1%} to "
+              f"{r['gain_ci95'][1]:+.1%}) |")
     return out
 
 
