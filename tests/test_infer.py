@@ -1,6 +1,7 @@
 """posttrain score and the inference-time methods: best-of-N, voting, URIAL, nudging, reward-guided decoding."""
 
 import json
+import re
 import math
 from fractions import Fraction
 
@@ -192,3 +193,16 @@ def test_generate_urial_nudge_and_guided_chunks_from_the_command_line(tiny_model
                "--reward", "length", "--max-new-tokens", 6, "--out", tmp_path / "g.jsonl") == 0
     row = json.loads((tmp_path / "g.jsonl").read_text())
     assert 1 <= row["chunks"] <= 2 and row["score"] == pytest.approx(len(row["completion"]) / 1000)
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"prompt": "p", "chosen": "a", "rejected": 3}, "'rejected': must be a text or a list"),
+    ({"prompt": "p", "responses": ["a", {"x": 1}]}, "'responses\\[1\\]': must be"),
+    ({"prompt": "p", "completions": []}, "'completions': must be a non-empty list"),
+    ({"prompt": "p"}, "nothing to score"),
+])
+def test_score_names_the_line_and_field_of_a_bad_record(classifiers, tmp_path, record, message, capsys):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "fine"}, record])
+    assert cli("score", classifiers["rm"], data, "--out", tmp_path / "o.jsonl") == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl, line 2" in err and re.search(message, err)

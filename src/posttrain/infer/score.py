@@ -14,15 +14,23 @@ from posttrain.errors import DataError
 
 
 def score_items(record: dict, path: str, where: str) -> tuple[str, list]:
-    """(layout, completions to score) of one record."""
+    """(layout, completions to score) of one record, each checked: text or messages (steps: a list of texts)."""
+    def checked(value, name: str, steps: bool = False):
+        messages = isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value)
+        texts = isinstance(value, list) and value and all(isinstance(t, str) for t in value)
+        if not (texts if steps else isinstance(value, str) or messages):
+            expected = "a non-empty list of step texts" if steps else "a text or a list of {role, content} messages"
+            raise DataError(path, where, name, f"must be {expected}")
+        return value
+
     if "chosen" in record and "rejected" in record:
-        return "pair", [record["chosen"], record["rejected"]]
+        return "pair", [checked(record["chosen"], "chosen"), checked(record["rejected"], "rejected")]
     if isinstance(record.get("responses"), list):
-        return "list", list(record["responses"])
+        return "list", [checked(r, f"responses[{i}]") for i, r in enumerate(record["responses"])]
     if isinstance(record.get("completions"), list):
-        return "steps", [record["completions"]]
+        return "steps", [checked(record["completions"], "completions", steps=True)]
     if "completion" in record:
-        return "single", [record["completion"]]
+        return "single", [checked(record["completion"], "completion")]
     raise DataError(path, where, None, "nothing to score: expected chosen + rejected, responses, completions (steps) "
                     f"or completion (found {', '.join(sorted(record)) or 'no fields'})")
 

@@ -226,7 +226,7 @@ class RewardModelTask(ClassifierTask):
         chosen, rejected = reward[rb.pairs[:, 0]], reward[rb.pairs[:, 1]]
         per_pair = bradley_terry(chosen, rejected, rb.margins, self.cfg.center_rewards_coefficient)
         losses = torch.zeros(rb.num_records, dtype=scores.dtype, device=scores.device).index_add(0, rb.pair_record, per_pair)
-        out = {"scores": scores, "reward": reward, "chosen": chosen, "rejected": rejected, "pair_loss": per_pair}
+        out = {"scores": scores, "reward": reward, "chosen": chosen, "rejected": rejected}
         if self.objectives:
             rated = torch.isfinite(rb.ratings)
             squared = torch.where(rated, scores - torch.nan_to_num(rb.ratings).to(scores.dtype), 0.0) ** 2
