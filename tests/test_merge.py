@@ -1,0 +1,99 @@
+"""posttrain.merge: each method on small tensors against values worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from posttrain.errors import UserError
+from posttrain.merge import dare, dare_ties, lines, linear, model_stock, slerp, task_arithmetic, ties, transfer, wise_ft
+
+T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+
+def test_linear_is_a_weighted_average_and_keeps_dtype_and_integer_buffers():
+    a = {"w": T(1.0, 2.0), "ids": torch.tensor([0, 1])}
+    b = {"w": T(3.0, 6.0), "ids": torch.tensor([0, 1])}
+    out = linear([a, b], [1.0, 3.0])
+    assert out["w"].tolist() == pytest.approx([2.5, 5.0]) and out["w"].dtype == torch.float64
+    assert out["ids"].tolist() == [0, 1] and out["ids"].dtype == torch.int64
+    assert linear([a, b], [1.0, 3.0], normalize=False)["w"].tolist() == pytest.approx([10.0, 20.0])
+    half = linear([{"w": a["w"].half()}, {"w": b["w"].half()}])
+    assert half["w"].dtype == torch.float16 and half["w"].tolist() == [2.0, 4.0]
+
+
+def test_slerp_follows_the_great_circle_and_falls_back_to_lerp_when_parallel():
+    a, b = {"w": T(1.0, 0.0)}, {"w": T(0.0, 1.0)}
+    mid = slerp(a, b, 0.5)["w"]
+    assert mid.tolist() == pytest.approx([math.sqrt(0.5), math.sqrt(0.5)], abs=1e-12)  # on the unit circle, 45 degrees
+    assert slerp(a, b, 0.0)["w"].tolist() == pytest.approx([1.0, 0.0], abs=1e-12)
+    third = slerp(a, b, 1 / 3)["w"]
+    assert third.tolist() == pytest.approx([math.cos(math.pi / 6), math.sin(math.pi / 6)], abs=1e-12)
+    parallel = slerp({"w": T(1.0, 1.0)}, {"w": T(2.0, 2.0)}, 0.25)["w"]
+    assert parallel.tolist() == pytest.approx([1.25, 1.25], abs=1e-12)
+
+
+def test_task_arithmetic_adds_scaled_task_vectors_and_negates():
+    base, m1, m2 = {"w": T(1.0, 1.0)}, {"w": T(2.0, 1.0)}, {"w": T(1.0, 4.0)}
+    assert task_arithmetic(base, [m1, m2], [1.0, 0.5])["w"].tolist() == pytest.approx([2.0, 2.5])
+    assert task_arithmetic(base, [m1], -1.0)["w"].tolist() == pytest.approx([0.0, 1.0])  # forgetting a task
+
+
+def test_ties_trims_elects_signs_and_averages_agreeing_entries():
+    base = {"w": T(0.0, 0.0, 0.0, 0.0)}
+    m1 = {"w": T(3.0, -1.0, 2.0, 0.1)}   # trimmed to density 0.5: (3, 0, 2, 0)
+    m2 = {"w": T(1.5, -4.0, -1.0, 0.2)}  # (1.5, -4, 0, 0)
+    m3 = {"w": T(-2.0, 0.5, 5.0, 0.0)}   # (-2, 0, 5, 0)
+    out = ties(base, [m1, m2, m3], density=0.5)["w"].tolist()
+    # entry 0: 3 + 1.5 - 2 > 0, the agreeing 3 and 1.5 average 2.25; entry 1: only -4; entry 2: 2 and 5 -> 3.5
+    assert out == pytest.approx([2.25, -4.0, 3.5, 0.0])
+    weighted = ties(base, [m1, m2, m3], density=0.5, weights=[1.0, 3.0, 1.0])["w"].tolist()
+    # entry 0: weighted 3, 4.5, -2 elect +: (3 + 4.5) / (1 + 3); entry 1: -12 / 3; entry 2: (2 + 5) / 2
+    assert weighted == pytest.approx([1.875, -4.0, 3.5, 0.0])
+
+
+def test_dare_drops_and_rescales_with_a_seed_and_dare_ties_elects_signs():
+    base, m1 = {"w": torch.zeros(1000, dtype=torch.float64)}, {"w": torch.ones(1000, dtype=torch.float64)}
+    out = dare(base, [m1], density=0.25, seed=3)["w"]
+    kept = out != 0
+    assert set(out[kept].tolist()) == {4.0} and 0.2 < kept.double().mean() < 0.3  # survivors rescaled by 1 / 0.25
+    assert torch.equal(out, dare(base, [m1], density=0.25, seed=3)["w"])  # the seed decides the masks
+    assert not torch.equal(out, dare(base, [m1], density=0.25, seed=4)["w"])
+    assert torch.equal(dare(base, [m1], density=1.0)["w"], m1["w"])
+    small = {"w": T(0.0, 0.0)}
+    plus, minus = {"w": T(1.0, 1.0)}, {"w": T(-3.0, 1.0)}
+    assert dare_ties(small, [plus, minus], density=1.0)["w"].tolist() == pytest.approx([-3.0, 1.0])
+    assert dare(small, [plus, minus], density=1.0)["w"].tolist() == pytest.approx([-1.0, 1.0])
+
+
+def test_model_stock_interpolates_by_the_angle_between_task_vectors():
+    base = {"w": T(0.0, 0.0)}
+    m1, m2 = {"w": T(1.0, 0.0)}, {"w": T(1.0, 1.0)}  # cos = 1 / sqrt(2)
+    cos = 1 / math.sqrt(2)
+    t = 2 * cos / (1 + cos)
+    assert model_stock(base, [m1, m2])["w"].tolist() == pytest.approx([t * 1.0, t * 0.5], abs=1e-12)
+    with pytest.raises(UserError, match="at least two"):
+        model_stock(base, [m1])
+
+
+def test_lines_scales_updates_linearly_with_depth():
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.weight", "model.layers.1.mlp.weight",
+             "model.layers.2.mlp.weight", "model.norm.weight"]
+    base = {n: T(0.0) for n in names}
+    tuned = {n: T(1.0) for n in names}
+    out = lines(base, tuned, alpha=0.1, beta=0.8)
+    assert [float(out[n]) for n in names] == pytest.approx([0.1, 0.1, 0.5, 0.9, 0.9])
+
+
+def test_wise_ft_and_fine_tuning_transfer():
+    base, tuned, other = {"w": T(1.0, 2.0)}, {"w": T(3.0, 2.0)}, {"w": T(0.0, 5.0)}
+    assert wise_ft(base, tuned, 0.25)["w"].tolist() == pytest.approx([1.5, 2.0])
+    assert transfer(base, tuned, other)["w"].tolist() == pytest.approx([2.0, 5.0])
+    assert transfer(base, tuned, other, scale=0.5)["w"].tolist() == pytest.approx([1.0, 5.0])
+
+
+def test_mismatched_models_are_reported_with_the_tensor_name():
+    with pytest.raises(UserError, match="lacks b"):
+        linear([{"a": T(1.0), "b": T(1.0)}, {"a": T(1.0)}])
+    with pytest.raises(UserError, match=r"a: shape \(2,\)"):
+        linear([{"a": T(1.0)}, {"a": T(1.0, 2.0)}])
