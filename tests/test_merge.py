@@ -97,3 +97,35 @@ def test_mismatched_models_are_reported_with_the_tensor_name():
         linear([{"a": T(1.0), "b": T(1.0)}, {"a": T(1.0)}])
     with pytest.raises(UserError, match=r"a: shape \(2,\)"):
         linear([{"a": T(1.0)}, {"a": T(1.0, 2.0)}])
+
+
+def test_merge_command_streams_tensors_and_equals_the_functions(tiny_model_dir, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_model
+    from posttrain.cli import main
+    from posttrain.models import load_tokenizer
+
+    vocab = len(load_tokenizer(str(tiny_model_dir)))
+    directories = []
+    for seed in (1, 2):
+        directory = tmp_path / f"tuned{seed}"
+        build_model(vocab, seed=seed).save_pretrained(directory)
+        directories.append(directory)
+    recipe = tmp_path / "merge.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(tiny_model_dir), "density": 0.3,
+                                      "models": [{"model": str(d), "weight": w} for d, w in zip(directories, (1.0, 0.5))],
+                                      "output": str(tmp_path / "merged")}))
+    assert main(["merge", str(recipe)]) == 0
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    states = [load_file(d / "model.safetensors") for d in (tiny_model_dir, *directories)]
+    expected = ties(states[0], states[1:], density=0.3, weights=[1.0, 0.5])
+    assert merged.keys() == expected.keys()
+    for key in merged:
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=0, msg=key)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # config and tokenizer came along
+    assert (tmp_path / "merged" / "tokenizer.json").exists() and (tmp_path / "merged" / "merge.json").exists()
+    assert main(["merge", str(recipe), "method=slerp"]) == 0  # two models, no base needed
+    assert main(["merge", str(recipe), "method=lines"]) == 2  # lines takes one tuned model

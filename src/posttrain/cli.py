@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     chat.set_defaults(handler=cmd_chat)
 
+    merge = commands.add_parser("merge", help="merge models in weight space (soups, slerp, task arithmetic, TIES, "
+                                "DARE, model stock, LiNeS, WiSE-FT, fine-tuning transfer)",
+                                epilog=merge_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("recipe", help="a merge recipe YAML file")
+    merge.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=ties density=0.3")
+    merge.set_defaults(handler=cmd_merge)
+
     export = commands.add_parser("export", help="write a standalone HF model with adapters merged")
     export.add_argument("run_dir", help="a run directory (uses final/, or --checkpoint)")
     export.add_argument("--out", required=True, help="output directory")
@@ -147,6 +154,34 @@ def recipe_help(command: str) -> str:
                   "DAPO = rl.epsilon_high 0.28 + rl.dynamic_sampling resample + rl.overlong_buffer + token_mean; "
                   "GSPO = rl.policy_loss gspo + seq_mean_token_mean; RLOO = rl.advantage rloo + rl.policy_loss reinforce"]
     return "\n".join(lines)
+
+
+def merge_help() -> str:
+    from posttrain.config import describe_schema
+    from posttrain.merge.run import MergeRecipe
+
+    return "\n".join(["recipe keys (default, meaning):", *describe_schema(MergeRecipe)])
+
+
+def cmd_merge(args) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from posttrain.config import apply_override, format_validation_error, parse_override
+    from posttrain.merge.run import MergeRecipe, run_merge
+
+    try:
+        tree = yaml.safe_load(Path(args.recipe).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"merge: cannot read {args.recipe}: {exc}") from None
+    for override in args.overrides:
+        apply_override(tree, *parse_override(override))
+    try:
+        recipe = MergeRecipe.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(f"{args.recipe}: invalid merge recipe\n" + format_validation_error(exc, MergeRecipe)) from None
+    print(f"merged model: {run_merge(recipe)}")
+    return 0
 
 
 def cmd_train(command: str, args) -> int:

@@ -215,6 +215,16 @@ def lines_scale(name: str, num_layers: int, alpha: float, beta: float) -> float:
     return alpha + beta * index / max(num_layers - 1, 1)
 
 
+def lines_tensor(name: str, before: torch.Tensor, after: torch.Tensor, num_layers: int, alpha: float, beta: float) -> torch.Tensor:
+    dtype = _work_dtype(before)
+    return before.to(dtype) + lines_scale(name, num_layers, alpha, beta) * (after.to(dtype) - before.to(dtype))
+
+
+def transfer_tensor(target: torch.Tensor, before: torch.Tensor, after: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    dtype = _work_dtype(target)
+    return target.to(dtype) + scale * (after.to(dtype) - before.to(dtype))
+
+
 def lines(base: StateDict, tuned: StateDict, alpha: float = 0.0, beta: float = 1.0) -> StateDict:
     """LiNeS: shallow layers keep close to the base (the general features a fine-tune tends to damage), deep
     layers keep more of the update; ``alpha = 0, beta = 1`` scales the update linearly from 0 to 1 with depth."""
@@ -222,11 +232,7 @@ def lines(base: StateDict, tuned: StateDict, alpha: float = 0.0, beta: float = 1
     if not layers:
         raise UserError("lines: no tensor name has a layer number (layers.N.); cannot scale by depth")
     num_layers = max(layers) + 1
-    def rule(key, ts):
-        before, after = (t.to(_work_dtype(ts[0])) for t in ts)
-        return before + lines_scale(key, num_layers, alpha, beta) * (after - before)
-
-    return combine(rule, [base, tuned])
+    return combine(lambda key, ts: lines_tensor(key, ts[0], ts[1], num_layers, alpha, beta), [base, tuned])
 
 
 def wise_ft(base: StateDict, tuned: StateDict, alpha: float = 0.5) -> StateDict:
@@ -235,8 +241,5 @@ def wise_ft(base: StateDict, tuned: StateDict, alpha: float = 0.5) -> StateDict:
 
 def transfer(source_base: StateDict, source_tuned: StateDict, target_base: StateDict, scale: float = 1.0) -> StateDict:
     """``target_base + scale * (source_tuned - source_base)``: carry a fine-tune to another version of the base."""
-    def rule(_, ts):
-        target, before, after = (t.to(_work_dtype(ts[0])) for t in ts)
-        return target + scale * (after - before)
-
-    return combine(rule, [target_base, source_base, source_tuned], ["target_base", "source_base", "source_tuned"])
+    return combine(lambda _, ts: transfer_tensor(ts[0], ts[1], ts[2], scale), [target_base, source_base, source_tuned],
+                   ["target_base", "source_base", "source_tuned"])
