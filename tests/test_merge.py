@@ -129,3 +129,58 @@ def test_merge_command_streams_tensors_and_equals_the_functions(tiny_model_dir, 
     assert (tmp_path / "merged" / "tokenizer.json").exists() and (tmp_path / "merged" / "merge.json").exists()
     assert main(["merge", str(recipe), "method=slerp"]) == 0  # two models, no base needed
     assert main(["merge", str(recipe), "method=lines"]) == 2  # lines takes one tuned model
+
+
+@pytest.fixture(scope="module")
+def three_models(tiny_model_dir, tmp_path_factory):
+    from conftest import build_model
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    directories = []
+    for seed in (1, 2):
+        directory = tmp_path_factory.mktemp(f"tuned{seed}")
+        build_model(len(tokenizer), seed=seed).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        directories.append(directory)
+    return [tiny_model_dir, *directories]
+
+
+def mergekit_merge(config: dict, out) -> dict:
+    """mergekit's own merge of the same inputs (mergekit is a test-only dependency)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from safetensors.torch import load_file
+
+    run_merge(MergeConfiguration.model_validate({**config, "dtype": "float32"}), str(out), MergeOptions(copy_tokenizer=False))
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "task_arithmetic", "ties", "model_stock"])
+def test_each_method_equals_mergekit(three_models, tmp_path, method):
+    from safetensors.torch import load_file
+
+    base, a, b = (str(d) for d in three_models)
+    states = [load_file(f"{d}/model.safetensors") for d in (base, a, b)]
+    configs = {
+        "linear": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1.0}},
+                                                          {"model": b, "parameters": {"weight": 3.0}}]},
+                   lambda: linear(states[1:], [1.0, 3.0])),
+        "slerp": ({"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
+                   "parameters": {"t": 0.3}}, lambda: slerp(states[1], states[2], 0.3)),
+        "task_arithmetic": ({"merge_method": "task_arithmetic", "base_model": base,
+                             "models": [{"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": -0.4}}]},
+                            lambda: task_arithmetic(states[0], states[1:], [0.7, -0.4])),
+        "ties": ({"merge_method": "ties", "base_model": base,
+                  "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.3}},
+                             {"model": b, "parameters": {"weight": 0.5, "density": 0.3}}]},
+                 lambda: ties(states[0], states[1:], density=0.3, weights=[1.0, 0.5])),
+        "model_stock": ({"merge_method": "model_stock", "base_model": base, "models": [{"model": a}, {"model": b}]},
+                        lambda: model_stock(states[0], states[1:])),
+    }
+    config, ours = configs[method]
+    theirs = mergekit_merge(config, tmp_path / "mergekit")
+    ours = ours()
+    assert theirs.keys() == ours.keys()
+    for key in ours:  # float32 on both sides: summation order differs, so a float32 tolerance
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
