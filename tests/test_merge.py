@@ -184,3 +184,59 @@ def test_each_method_equals_mergekit(three_models, tmp_path, method):
     assert theirs.keys() == ours.keys()
     for key in ours:  # float32 on both sides: summation order differs, so a float32 tolerance
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def lora_model(seed: int, rslora: bool = False):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    from conftest import build_model
+
+    base = build_model(64, seed=0).double()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_rslora=rslora)
+    model = get_peft_model(base, config)
+    return model, {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}, config.to_dict()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merge_lora_equals_peft_merge_and_unload(rslora):
+    from posttrain.merge.lora import adapter_scaling, merge_lora
+
+    from conftest import build_model
+
+    base = {k: v.clone() for k, v in build_model(64, seed=0).double().state_dict().items()}
+    model, adapter, config = lora_model(1, rslora)
+    assert adapter_scaling(config) == (8 / 2 if rslora else 8 / 4)
+    ours = merge_lora(base, adapter, adapter_scaling(config))
+    theirs = model.merge_and_unload().state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-12, msg=key)
+
+
+def test_concatenated_adapters_add_the_updates_exactly():
+    from posttrain.merge.lora import adapter_scaling, concat_adapters, merge_lora
+
+    from conftest import build_model
+
+    base = {k: v.clone() for k, v in build_model(64, seed=0).double().state_dict().items()}
+    (_, first, config), (_, second, _) = lora_model(1), lora_model(2)
+    s = adapter_scaling(config)
+    combined = concat_adapters([first, second], [s, s], weights=[0.25, 0.75])
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert combined[key].shape == (8, first[key].shape[1])  # ranks add up
+    merged = merge_lora(base, combined, 1.0)
+    expected = linear([merge_lora(base, first, s), merge_lora(base, second, s)], [0.25, 0.75])
+    for name in merged:
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_adapters_that_cannot_be_merged_here_say_why():
+    from posttrain.merge.lora import adapter_scaling, merge_lora
+
+    with pytest.raises(UserError, match="DoRA"):
+        adapter_scaling({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True})
+    with pytest.raises(UserError, match="not a LoRA adapter"):
+        adapter_scaling({"peft_type": "IA3"})
+    with pytest.raises(UserError, match="does not have"):
+        merge_lora({"w": T(1.0)}, {"x.q.lora_A.weight": T(1.0), "x.q.lora_B.weight": T(1.0)}, 1.0)
