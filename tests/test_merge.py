@@ -127,8 +127,9 @@ def test_merge_command_streams_tensors_and_equals_the_functions(tiny_model_dir, 
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=0, msg=key)
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # config and tokenizer came along
     assert (tmp_path / "merged" / "tokenizer.json").exists() and (tmp_path / "merged" / "merge.json").exists()
-    assert main(["merge", str(recipe), "method=slerp"]) == 0  # two models, no base needed
-    assert main(["merge", str(recipe), "method=lines"]) == 2  # lines takes one tuned model
+    assert main(["merge", str(recipe), "method=slerp", "density=0.5"]) == 0  # two models, no base needed
+    assert main(["merge", str(recipe), "method=slerp"]) == 2  # density 0.3 would be silently unread: refused
+    assert main(["merge", str(recipe), "method=lines", "density=0.5"]) == 2  # lines takes one tuned model
 
 
 @pytest.fixture(scope="module")

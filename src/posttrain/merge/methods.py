@@ -131,25 +131,25 @@ def model_stock_tensor(base: torch.Tensor, tensors: list[torch.Tensor]) -> torch
 
 
 # -- state dicts ----------------------------------------------------------------------------------------------
-def check_compatible(names: list[str], states: list[StateDict]) -> None:
-    """Same keys and shapes everywhere, or a message naming the first difference."""
-    keys = set(states[0])
-    for name, state in zip(names[1:], states[1:]):
+def check_compatible(names: list[str], shapes: list[dict[str, tuple[int, ...]]]) -> None:
+    """Same tensor names and shapes in every input (``shapes``: name -> shape per input), or a message naming the
+    first difference."""
+    keys = set(shapes[0])
+    for name, state in zip(names[1:], shapes[1:]):
         if set(state) != keys:
             missing, extra = sorted(keys - set(state)), sorted(set(state) - keys)
             what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which {names[0]} lacks"
             raise UserError(f"merge: {name} {what} ({len(missing)} missing, {len(extra)} extra tensors)")
-        for key, tensor in state.items():
-            if tensor.shape != states[0][key].shape:
-                raise UserError(f"merge: {key}: shape {tuple(tensor.shape)} in {name} but "
-                                f"{tuple(states[0][key].shape)} in {names[0]}")
+        for key, shape in state.items():
+            if tuple(shape) != tuple(shapes[0][key]):
+                raise UserError(f"merge: {key}: shape {tuple(shape)} in {name} but {tuple(shapes[0][key])} in {names[0]}")
 
 
 def combine(rule: Callable[..., torch.Tensor], states: list[StateDict], names: list[str] | None = None) -> StateDict:
     """Apply ``rule(name, tensors)`` to every tensor name; non-float tensors are copied from the first state, and
     the result keeps the first state's dtype."""
     names = names or [f"model {i}" for i in range(len(states))]
-    check_compatible(names, states)
+    check_compatible(names, [{k: tuple(v.shape) for k, v in s.items()} for s in states])
     out = {}
     for key, first in states[0].items():
         if not first.is_floating_point():

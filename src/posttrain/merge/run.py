@@ -26,6 +26,11 @@ NEEDS_BASE = {"task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "li
 PAIRS = {"slerp": 2, "lines": 1, "wise_ft": 1, "transfer": 2}  # methods with a fixed number of models (besides base)
 
 
+READS = {"linear": ("normalize",), "slerp": ("t",), "task_arithmetic": (), "ties": ("density", "normalize"),
+         "dare": ("density", "normalize", "seed"), "dare_ties": ("density", "normalize", "seed"), "model_stock": (),
+         "lines": ("alpha", "beta"), "wise_ft": ("alpha",), "transfer": ("scale",)}  # the settings each method reads
+
+
 class MergeModel(Section):
     model: str = Field(description="a model directory, run directory (its final/, adapters merged) or 'default'")
     weight: float = Field(1.0, description="weight (linear, ties, dare) or scale (task_arithmetic) of this model")
@@ -49,6 +54,9 @@ class MergeRecipe(Section):
 
     @model_validator(mode="after")
     def _shape(self) -> "MergeRecipe":
+        reads = READS[self.method]
+        self.unused(tuple(k for k in ("t", "density", "normalize", "alpha", "beta", "scale", "seed") if k not in reads),
+                    f"not read by method {self.method} (it reads: {', '.join(reads) or 'no setting'})")
         if self.method in NEEDS_BASE and self.base is None:
             raise ValueError(f"method {self.method} merges task vectors: set base")
         expected = PAIRS.get(self.method)
@@ -138,16 +146,7 @@ def run_merge(recipe: MergeRecipe) -> Path:
         directories = [materialize(spec, Path(scratch)) for spec in specs]
         inputs = [LazyWeights(d, stack) for d in directories]
         keys = list(inputs[0].where)
-        for name, weights in zip(names[1:], inputs[1:]):
-            missing = [k for k in keys if k not in weights.where]
-            if missing or len(weights.where) != len(keys):
-                extra = [k for k in weights.where if k not in inputs[0].where]
-                raise UserError(f"merge: {name} " + (f"lacks {missing[0]}" if missing else f"has {extra[0]}, which "
-                                f"{names[0]} lacks") + f" ({len(missing)} missing, {len(extra)} extra tensors)")
-            for key in keys:
-                if weights.shape(key) != inputs[0].shape(key):
-                    raise UserError(f"merge: {key}: shape {weights.shape(key)} in {name} but {inputs[0].shape(key)} "
-                                    f"in {names[0]}")
+        methods.check_compatible(names, [{k: w.shape(k) for k in w.where} for w in inputs])
         layers = {methods.layer_index(k) for k in keys} - {None}
         rule = tensor_rule(recipe, max(layers) + 1 if layers else 1)
         merged = {}

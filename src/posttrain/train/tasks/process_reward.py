@@ -40,7 +40,7 @@ class StepsBatch:
 
 @dataclass
 class LabeledSteps:
-    tokens: TokenizedExample  # weight 1 at the token *before* each labeled separator (collate's target convention)
+    tokens: TokenizedExample  # weight 1 at each labeled separator: collate's target t + 1 is where the head reads
     labels: np.ndarray  # [labeled steps] 0 / 1
 
 
