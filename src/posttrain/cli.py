@@ -96,10 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=ties density=0.3")
     merge.set_defaults(handler=cmd_merge)
 
-    export = commands.add_parser("export", help="write a standalone HF model with adapters merged")
-    export.add_argument("run_dir", help="a run directory (uses final/, or --checkpoint)")
-    export.add_argument("--out", required=True, help="output directory")
+    export = commands.add_parser("export", help="write a standalone HF model (adapters merged) or one GGUF file")
+    export.add_argument("run_dir", help="a run directory (uses final/, or --checkpoint), a model directory or 'default'")
+    export.add_argument("--out", required=True, help="output directory (hf) or file (gguf, e.g. model.gguf)")
     export.add_argument("--checkpoint", default=None, help="export checkpoints/step-N instead of final/")
+    export.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="hf: a transformers directory; gguf: one file for llama.cpp / Ollama / LM Studio "
+                             "(llama architecture)")
+    export.add_argument("--quant", choices=("q8_0", "f16", "f32"), default="q8_0",
+                        help="gguf: weight type of the matrices (norms stay f32)")
+    export.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                        help="gguf: llama.cpp's pre-tokenizer name, for a tokenizer it does not know by fingerprint")
     export.set_defaults(handler=cmd_export)
 
     evaluate = commands.add_parser("evaluate", help="answer accuracy on {prompt, answer} records (e.g. GSM8K)")
@@ -249,13 +256,18 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from posttrain.export import export_checkpoint, export_merged
+    from posttrain.export import export_checkpoint, export_gguf, export_merged
 
+    if args.run_dir != "default" and not Path(args.run_dir).exists():
+        raise UserError(f"export: {args.run_dir} does not exist")
+    if args.format == "gguf":
+        summary = export_gguf(args.run_dir, Path(args.out), args.quant, args.checkpoint, args.tokenizer_pre)
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["tensors"].items()))
+        print(f"exported {args.out} ({summary['bytes'] / 2**20:.1f} MiB; tensors: {kinds})")
+        return 0
     if args.checkpoint:
         export_checkpoint(Path(args.run_dir), args.checkpoint, Path(args.out))
     else:
-        if not Path(args.run_dir).exists():
-            raise UserError(f"export: {args.run_dir} does not exist")
         export_merged(args.run_dir, Path(args.out))
     print(f"exported a standalone model to {args.out}")
     return 0

@@ -1,7 +1,8 @@
-"""Standalone HF models (safetensors) from a run: adapters merged into the base weights."""
+"""Standalone models from a run: HF directories (safetensors, adapters merged into the base weights) or one GGUF\nfile."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from posttrain.errors import UserError
@@ -68,3 +69,21 @@ def export_classifier_checkpoint(command: str, tree: dict, weights: dict, out: P
     for key, value in weights.items():
         params[key].data.copy_(value)
     task.save_final(model, tokenizer, out)
+
+
+def export_gguf(source: str, out: Path, quant: str = "q8_0", checkpoint: str | None = None,
+                tokenizer_pre: str | None = None) -> dict:
+    """A GGUF file of a run's ``final/`` (or a checkpoint), a model directory or ``default``; adapters are merged
+    into a temporary HF directory first."""
+    from posttrain.gguf_export import write_gguf
+
+    path = Path(resolve_model(source))
+    if checkpoint is None and not (path / "adapter_config.json").exists():
+        return write_gguf(path, out, quant, tokenizer_pre)
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / "model"
+        if checkpoint:
+            export_checkpoint(Path(source), checkpoint, staged)
+        else:
+            export_merged(source, staged)
+        return write_gguf(staged, out, quant, tokenizer_pre)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from posttrain.config import Section
 from posttrain.errors import UserError
 from posttrain.merge import methods
+from posttrain.weights import LazyWeights
 
 NEEDS_BASE = {"task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "lines", "wise_ft", "transfer"}
 PAIRS = {"slerp": 2, "lines": 1, "wise_ft": 1, "transfer": 2}  # methods with a fixed number of models (besides base)
@@ -92,16 +93,6 @@ def _alpha(recipe: MergeRecipe) -> float:
     return 0.5 if recipe.alpha is None else recipe.alpha
 
 
-def weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"merge: {directory} has no safetensors weights (pickle checkpoints are not read)")
-    return files
-
-
 def materialize(spec: str, scratch: Path) -> Path:
     """A directory of full safetensors weights for ``spec``: as it is, or its adapter merged into the base."""
     from posttrain.export import export_merged
@@ -115,24 +106,6 @@ def materialize(spec: str, scratch: Path) -> Path:
         export_merged(str(path), out)
         return out
     return path
-
-
-class LazyWeights:
-    """Tensors of a model directory by name, read one at a time."""
-
-    def __init__(self, directory: Path, stack: ExitStack):
-        from safetensors import safe_open
-
-        self.where: dict[str, Any] = {}
-        for file in weight_files(directory):
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            self.where.update({key: handle for key in handle.keys()})
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.where[key].get_tensor(key)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.where[key].get_slice(key).get_shape())
 
 
 def run_merge(recipe: MergeRecipe) -> Path:
