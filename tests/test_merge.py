@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from posttrain.errors import UserError
-from posttrain.merge import dare, dare_ties, lines, linear, model_stock, slerp, task_arithmetic, ties, transfer, wise_ft
+from posttrain.merge import (dare, dare_ties, greedy_soup, lines, linear, model_stock, slerp, task_arithmetic, ties,
+                             transfer, wise_ft)
+from posttrain.merge.methods import greedy_selection
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -92,6 +94,27 @@ def test_wise_ft_and_fine_tuning_transfer():
     assert transfer(base, tuned, other, scale=0.5)["w"].tolist() == pytest.approx([1.0, 5.0])
 
 
+def test_greedy_selection_adds_ingredients_only_while_the_soup_does_not_get_worse():
+    losses = {(0,): 1.2, (1,): 1.0, (2,): 1.1, (3,): 2.0, (1, 2): 0.9, (1, 2, 0): 0.95, (1, 2, 3): 0.9}
+    kept, history = greedy_selection(4, lambda idx: losses[tuple(idx)])
+    assert kept == [1, 2, 3]  # ranked 1, 2, 0, 3 alone; 0 makes the soup worse, 3 leaves it equal (kept, as in the paper)
+    assert [(h["ingredient"], h["soup"], h["kept"]) for h in history] == [
+        (1, 1.0, True), (2, 0.9, True), (0, 0.95, False), (3, 0.9, True)]
+    kept, _ = greedy_selection(3, lambda idx: {(0,): 0.2, (1,): 0.5, (2,): 0.1, (1, 0): 0.6, (1, 0, 2): 0.4}[tuple(idx)],
+                               higher_is_better=True)
+    assert kept == [1, 0]
+
+
+def test_greedy_soup_leaves_out_the_ingredient_that_hurts():
+    target = {"w": torch.tensor([1.0, 1.0])}
+    models = [{"w": torch.tensor([0.8, 1.2])}, {"w": torch.tensor([1.3, 0.9])}, {"w": torch.tensor([-4.0, 6.0])}]
+    distance = lambda state: float((state["w"] - target["w"]).norm())  # noqa: E731
+    soup, kept = greedy_soup(models, distance)
+    assert kept == [0, 1]
+    torch.testing.assert_close(soup["w"], torch.tensor([1.05, 1.05]))
+    assert distance(soup) < min(distance(m) for m in models)
+
+
 def test_mismatched_models_are_reported_with_the_tensor_name():
     with pytest.raises(UserError, match="lacks b"):
         linear([{"a": T(1.0), "b": T(1.0)}, {"a": T(1.0)}])
@@ -130,6 +153,8 @@ def test_merge_command_streams_tensors_and_equals_the_functions(tiny_model_dir, 
     assert main(["merge", str(recipe), "method=slerp", "density=0.5"]) == 0  # two models, no base needed
     assert main(["merge", str(recipe), "method=slerp"]) == 2  # density 0.3 would be silently unread: refused
     assert main(["merge", str(recipe), "method=lines", "density=0.5"]) == 2  # lines takes one tuned model
+    assert main(["merge", str(recipe), "method=greedy_soup", "density=0.5"]) == 2  # no eval_data to rank soups by
+    assert main(["merge", str(recipe), "eval_data=x.jsonl"]) == 2  # ties would not read it
 
 
 @pytest.fixture(scope="module")

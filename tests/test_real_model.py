@@ -92,3 +92,38 @@ def test_reward_model_on_hh_pairs_with_the_embedded_model(tmp_path):
     with torch.no_grad():
         direct = float(model(**reward_model.tokenizer(text, return_tensors="pt")).logits[0, 0])
     assert reward_model([prompt], ["I can't help."])[0] == pytest.approx(direct, abs=1e-4)
+
+
+def test_soup_of_two_runs_keeps_their_held_out_gain(smollm_dir, tmp_path):
+    """Two short LoRA runs of the embedded model on different GSM8K slices, souped by `posttrain merge`: the
+    greedy soup is the soup it scored, and the uniform soup keeps the runs' gain in held-out loss over the base."""
+    import json
+
+    import yaml
+
+    from conftest import GSM8K
+    from posttrain.cli import main
+    from posttrain.evaluate.loss import heldout_loss
+
+    held_out = "pkg:assets/gsm8k_test_200.jsonl"
+    runs = []
+    for seed in (0, 1):
+        run_sft(smollm_dir, tmp_path / f"run{seed}", **{
+            "data.train": str(GSM8K), "data.limit": 64, "data.max_length": 256, "peft.method": "lora",
+            "train.max_steps": 6, "train.batch_size": 4, "train.lr": 1e-3, "train.seed": seed,
+            "train.precision": "fp32"})
+        runs.append(str(tmp_path / f"run{seed}"))
+    recipe = tmp_path / "soup.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "greedy_soup", "models": [{"model": r} for r in runs],
+                                      "eval_data": held_out, "eval_limit": 12, "output": str(tmp_path / "greedy")}))
+    assert main(["merge", str(recipe)]) == 0
+    assert main(["merge", str(recipe), "method=linear", "eval_data=null", "eval_limit=200",
+                 f"output={tmp_path / 'uniform'}"]) == 0
+    decisions = json.loads((tmp_path / "greedy" / "merge.json").read_text())["soup"]
+    final = min(d["soup"] for d in decisions if d["kept"])
+    assert heldout_loss(str(tmp_path / "greedy"), held_out, 12) == pytest.approx(final, abs=1e-4)
+    base = heldout_loss(smollm_dir, held_out, 12)
+    uniform = heldout_loss(str(tmp_path / "uniform"), held_out, 12)
+    alone = [d["alone"] for d in decisions]
+    print(f"held-out loss: base {base:.4f}, runs {alone}, uniform soup {uniform:.4f}, greedy soup {final:.4f}")
+    assert max(alone) < base - 0.02 and uniform < base - 0.02

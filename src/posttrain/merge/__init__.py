@@ -2,8 +2,8 @@
 their base or combined exactly (``lora``), and ``posttrain merge`` (``run``)."""
 
 from posttrain.merge.lora import adapter_scaling, concat_adapters, merge_lora
-from posttrain.merge.methods import (dare, dare_ties, lines, linear, model_stock, slerp, task_arithmetic, ties, transfer,
-                                     wise_ft)
+from posttrain.merge.methods import (dare, dare_ties, greedy_soup, lines, linear, model_stock, slerp, task_arithmetic,
+                                     ties, transfer, wise_ft)
 
-__all__ = ["adapter_scaling", "concat_adapters", "dare", "dare_ties", "lines", "linear", "merge_lora", "model_stock",
-           "slerp", "task_arithmetic", "ties", "transfer", "wise_ft"]
+__all__ = ["adapter_scaling", "concat_adapters", "dare", "dare_ties", "greedy_soup", "lines", "linear", "merge_lora",
+           "model_stock", "slerp", "task_arithmetic", "ties", "transfer", "wise_ft"]

@@ -6,7 +6,8 @@ returned in the dtype of the first input; integer and boolean tensors (buffers, 
 first input. Keys and shapes must agree: a difference is reported with the tensor's name.
 
 Task vectors are ``tau_i = theta_i - theta_base``. Methods and their papers:
-- ``linear``: weighted average (Wortsman et al., 2022, "Model soups"); ``slerp``: spherical interpolation of two
+- ``linear``: weighted average, the uniform soup with equal weights (Wortsman et al., 2022, "Model soups"), whose
+  ``greedy_soup`` adds ingredients only while a held-out score does not get worse; ``slerp``: spherical interpolation of two
   models; ``task_arithmetic``: ``base + sum_i s_i tau_i`` (Ilharco et al., 2023, "Editing Models with Task
   Arithmetic"; negative scales negate a task); ``ties``: trim each task vector to its top-``density`` magnitudes,
   elect a sign per entry by the sign of the weighted sum, average the agreeing entries (Yadav et al., 2023,
@@ -243,3 +244,30 @@ def transfer(source_base: StateDict, source_tuned: StateDict, target_base: State
     """``target_base + scale * (source_tuned - source_base)``: carry a fine-tune to another version of the base."""
     return combine(lambda _, ts: transfer_tensor(ts[0], ts[1], ts[2], scale), [target_base, source_base, source_tuned],
                    ["target_base", "source_base", "source_tuned"])
+
+
+def greedy_selection(count: int, soup_score: Callable[[list[int]], float],
+                     higher_is_better: bool = False) -> tuple[list[int], list[dict]]:
+    """Greedy soup's recipe (Wortsman et al., 2022, "Model soups", Algorithm 1): rank the ingredients by their own
+    held-out score, start from the best, and add each next one only if the uniform soup scores no worse with it.
+    ``soup_score(indices)`` scores the uniform average of those ingredients (one index: the model itself).
+    Returns the kept indices and one record per decision."""
+    better = (lambda a, b: a >= b) if higher_is_better else (lambda a, b: a <= b)
+    alone = [soup_score([i]) for i in range(count)]
+    order = sorted(range(count), key=lambda i: -alone[i] if higher_is_better else alone[i])
+    kept, best = [order[0]], alone[order[0]]
+    history = [{"ingredient": order[0], "alone": alone[order[0]], "soup": best, "kept": True}]
+    for i in order[1:]:
+        score = soup_score(kept + [i])
+        history.append({"ingredient": i, "alone": alone[i], "soup": score, "kept": better(score, best)})
+        if better(score, best):
+            kept, best = kept + [i], score
+    return kept, history
+
+
+def greedy_soup(models: list[StateDict], score: Callable[[StateDict], float],
+                higher_is_better: bool = False) -> tuple[StateDict, list[int]]:
+    """The greedy soup of ``models`` under ``score`` (e.g. held-out loss of the state dict), and the kept indices.
+    The uniform soup is :func:`linear` with equal weights."""
+    kept, _ = greedy_selection(len(models), lambda idx: score(linear([models[i] for i in idx])), higher_is_better)
+    return linear([models[i] for i in kept]), kept

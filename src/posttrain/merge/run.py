@@ -27,7 +27,7 @@ NEEDS_BASE = {"task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "li
 PAIRS = {"slerp": 2, "lines": 1, "wise_ft": 1, "transfer": 2}  # methods with a fixed number of models (besides base)
 
 
-READS = {"linear": ("normalize",), "slerp": ("t",), "task_arithmetic": (), "ties": ("density", "normalize"),
+READS = {"linear": ("normalize",), "greedy_soup": ("eval_data", "eval_limit"), "slerp": ("t",), "task_arithmetic": (), "ties": ("density", "normalize"),
          "dare": ("density", "normalize", "seed"), "dare_ties": ("density", "normalize", "seed"), "model_stock": (),
          "lines": ("alpha", "beta"), "wise_ft": ("alpha",), "transfer": ("scale",)}  # the settings each method reads
 
@@ -38,7 +38,7 @@ class MergeModel(Section):
 
 
 class MergeRecipe(Section):
-    method: Literal["linear", "slerp", "task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "lines",
+    method: Literal["linear", "greedy_soup", "slerp", "task_arithmetic", "ties", "dare", "dare_ties", "model_stock", "lines",
                     "wise_ft", "transfer"] = Field(description="the merging method")
     base: str | None = Field(None, description="the base model whose task vectors are merged (the target base for "
                              "transfer)")
@@ -52,11 +52,14 @@ class MergeRecipe(Section):
     beta: float = Field(1.0, description="lines: added scale at the last layer")
     scale: float = Field(1.0, description="transfer: scale of the carried difference")
     seed: int = Field(0, description="dare: seed of the drop masks")
+    eval_data: str | None = Field(None, description="greedy_soup: SFT-format held-out data whose loss ranks the soups")
+    eval_limit: int = Field(200, gt=0, description="greedy_soup: the first N records of eval_data")
 
     @model_validator(mode="after")
     def _shape(self) -> "MergeRecipe":
         reads = READS[self.method]
-        self.unused(tuple(k for k in ("t", "density", "normalize", "alpha", "beta", "scale", "seed") if k not in reads),
+        self.unused(tuple(k for k in ("t", "density", "normalize", "alpha", "beta", "scale", "seed", "eval_data",
+                                      "eval_limit") if k not in reads),
                     f"not read by method {self.method} (it reads: {', '.join(reads) or 'no setting'})")
         if self.method in NEEDS_BASE and self.base is None:
             raise ValueError(f"method {self.method} merges task vectors: set base")
@@ -65,6 +68,8 @@ class MergeRecipe(Section):
             raise ValueError(f"method {self.method} takes {expected} model(s), got {len(self.models)}")
         if not self.models:
             raise ValueError("models: give at least one model")
+        if self.method == "greedy_soup" and self.eval_data is None:
+            raise ValueError("method greedy_soup ranks soups by held-out loss: set eval_data")
         return self
 
 
@@ -109,6 +114,40 @@ def materialize(spec: str, scratch: Path) -> Path:
 
 
 def run_merge(recipe: MergeRecipe) -> Path:
+    if recipe.method == "greedy_soup":
+        return run_greedy_soup(recipe)
+    return merge_streamed(recipe)
+
+
+def run_greedy_soup(recipe: MergeRecipe) -> Path:
+    """Greedy soup over model directories: each candidate soup is merged to a scratch directory and scored by its
+    held-out loss; the kept soup is written with the decisions in ``merge.json``."""
+    from posttrain.evaluate.loss import heldout_loss
+
+    def loss_of(model: str) -> float:
+        return heldout_loss(model, recipe.eval_data, recipe.eval_limit)
+
+    def uniform(indices: list[int], output: str) -> MergeRecipe:
+        return MergeRecipe(method="linear", models=[MergeModel(model=recipe.models[i].model) for i in indices],
+                           output=output)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        def soup_loss(indices: list[int]) -> float:
+            if len(indices) == 1:
+                return loss_of(recipe.models[indices[0]].model)
+            return loss_of(str(merge_streamed(uniform(indices, f"{scratch}/soup"))))
+
+        kept, history = methods.greedy_selection(len(recipe.models), soup_loss)
+    for entry in history:
+        entry["ingredient"] = recipe.models[entry["ingredient"]].model
+        print(f"  {'kept' if entry['kept'] else 'left out'}: {entry['ingredient']} (alone {entry['alone']:.4f}, "
+              f"soup {entry['soup']:.4f})")
+    output = merge_streamed(uniform(kept, recipe.output))
+    (output / "merge.json").write_text(json.dumps({**recipe.model_dump(mode="json"), "soup": history}, indent=2))
+    return output
+
+
+def merge_streamed(recipe: MergeRecipe) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
