@@ -103,7 +103,7 @@ def test_soup_of_two_runs_keeps_their_held_out_gain(smollm_dir, tmp_path):
 
     from conftest import GSM8K
     from posttrain.cli import main
-    from posttrain.evaluate.loss import heldout_loss
+    from posttrain.evaluate.heldout import heldout_loss
 
     held_out = "pkg:assets/gsm8k_test_200.jsonl"
     runs = []

@@ -122,7 +122,7 @@ def run_merge(recipe: MergeRecipe) -> Path:
 def run_greedy_soup(recipe: MergeRecipe) -> Path:
     """Greedy soup over model directories: each candidate soup is merged to a scratch directory and scored by its
     held-out loss; the kept soup is written with the decisions in ``merge.json``."""
-    from posttrain.evaluate.loss import heldout_loss
+    from posttrain.evaluate.heldout import heldout_loss
 
     def loss_of(model: str) -> float:
         return heldout_loss(model, recipe.eval_data, recipe.eval_limit)
