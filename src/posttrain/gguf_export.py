@@ -229,9 +229,13 @@ def write_gguf(directory: Path, out: Path, quant: str = "q8_0", tokenizer_pre: s
             elif key.endswith(("k_proj.weight", "k_proj.bias")):
                 tensor = permute_rotary(tensor, kv_heads)
             add(name, tensor)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except BaseException:  # a full disk or a kill mid-write leaves no half-written file behind
+            staging.unlink(missing_ok=True)
+            raise
     staging.replace(out)
     return {"path": str(out), "quant": quant, "bytes": out.stat().st_size, "tensors": counts}
