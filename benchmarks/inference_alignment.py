@@ -86,7 +86,7 @@ def best_of_n_curve(args) -> list[dict]:
 
 def vote_curve(args) -> list[dict]:
     from posttrain.cli import load_for_inference
-    from posttrain.evaluate.accuracy import wilson_interval
+    from posttrain.evaluate.stats import wilson_interval
     from posttrain.evaluate.answers import is_correct
     from posttrain.infer import majority_vote, sample_n
     from posttrain.rollout.generate import generate

@@ -48,7 +48,8 @@ def slug(name: str) -> str:
 
 
 def score(model: str, limit: int, reference, batch_size: int) -> dict:
-    from posttrain.evaluate.accuracy import answer_accuracy, load_answer_records, wilson_interval
+    from posttrain.evaluate.accuracy import answer_accuracy, load_answer_records
+    from posttrain.evaluate.stats import wilson_interval
     from posttrain.evaluate.heldout import heldout_loss, pair_logprobs, preference_accuracy
     from posttrain.models import load_model, load_tokenizer, resolve_model
 

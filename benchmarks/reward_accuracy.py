@@ -55,7 +55,7 @@ def main() -> None:
     from accelerate.utils import set_seed
 
     from posttrain.config import load_recipe, validate_recipe
-    from posttrain.evaluate.accuracy import wilson_interval
+    from posttrain.evaluate.stats import wilson_interval
     from posttrain.models import load_classifier, load_tokenizer, resolve_model
     from posttrain.train.tasks.preference import PreferenceTask
     from posttrain.train.tasks.reward_model import RewardModelTask

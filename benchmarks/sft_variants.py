@@ -36,7 +36,8 @@ VARIANTS = {
 
 def run_one(name: str) -> dict:
     from posttrain.config import load_recipe
-    from posttrain.evaluate.accuracy import answer_accuracy, load_answer_records, wilson_interval
+    from posttrain.evaluate.accuracy import answer_accuracy, load_answer_records
+    from posttrain.evaluate.stats import wilson_interval
     from posttrain.models import load_model, load_tokenizer
     from posttrain.quickstart import HELD_OUT, MAX_NEW_TOKENS
     from posttrain.train.run import run

@@ -197,7 +197,7 @@ def test_s3ft_trains_on_the_models_own_correct_answers(tiny_model_dir, tmp_path,
 
 
 def test_wilson_interval_by_hand():
-    from posttrain.evaluate.accuracy import wilson_interval
+    from posttrain.evaluate.stats import wilson_interval
 
     low, high = wilson_interval(3, 48)  # p = 0.0625, z = 1.96
     z, n, p = 1.959963984540054, 48, 3 / 48

@@ -109,7 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gguf: llama.cpp's pre-tokenizer name, for a tokenizer it does not know by fingerprint")
     export.set_defaults(handler=cmd_export)
 
-    evaluate = commands.add_parser("evaluate", help="answer accuracy on {prompt, answer} records (e.g. GSM8K)")
+    from posttrain.evaluate.tasks import EVAL_TASKS
+
+    tasks_help = "\n".join(f"  {name:20s}{task.about}" for name, task in sorted(EVAL_TASKS.items()))
+    ev = commands.add_parser("eval", help="evaluate a model on registered tasks, with 95%% intervals and a paired "
+                             "comparison to a baseline", formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=f"tasks (or module:function):\n{tasks_help}")
+    ev.add_argument("model", help="'default', a HF directory, a run directory or a .gguf file")
+    ev.add_argument("tasks", nargs="+", metavar="TASK", help="one or more tasks (see below)")
+    ev.add_argument("--data", action="append", default=[], metavar="[TASK=]FILE",
+                    help="the data of every task, or of one task as TASK=FILE (repeat)")
+    ev.add_argument("--baseline", help="a model to compare with, example by example (win_rate and forgetting need it)")
+    ev.add_argument("--out", help="write the results as JSON (e.g. results.json)")
+    ev.add_argument("--no-cache", action="store_true", help="generate again instead of reusing cached generations")
+    add_eval_options(ev)
+    ev.set_defaults(handler=cmd_eval)
+
+    evaluate = commands.add_parser("evaluate", help="answer accuracy on {prompt, answer} records (e.g. GSM8K); "
+                                   "`posttrain eval MODEL answer_accuracy` with more")
     evaluate.add_argument("model")
     evaluate.add_argument("--data", required=True, help="records with a prompt and a reference answer")
     evaluate.add_argument("--limit", type=int, default=100, help="evaluate the first N records")
@@ -273,13 +290,61 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from posttrain.evaluate.accuracy import answer_accuracy, load_answer_records
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`EvalOptions` field, with its default and description."""
+    from posttrain.evaluate.tasks import EvalOptions
 
-    model, tokenizer = load_for_inference(args.model)
-    records = load_answer_records(args.data, args.limit)
-    result = answer_accuracy(model, tokenizer, records, args.max_new_tokens, args.batch_size)
-    print(f"accuracy: {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
+    for name, spec in EvalOptions.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = spec.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            parser.add_argument(flag, type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                                metavar="A,B", help=spec.description)
+        else:
+            kind = float if isinstance(default, float) else int if isinstance(default, int) else str
+            shown = f" (default {default})" if default is not None else ""
+            parser.add_argument(flag, type=kind, default=None, help=spec.description + shown)
+
+
+def eval_options(args):
+    from pydantic import ValidationError
+
+    from posttrain.config import format_validation_error
+    from posttrain.evaluate.tasks import EvalOptions
+
+    given = {name: getattr(args, name) for name in EvalOptions.model_fields if getattr(args, name, None) is not None}
+    try:
+        return EvalOptions.model_validate(given)
+    except ValidationError as exc:
+        raise UserError("eval: invalid options\n" + format_validation_error(exc, EvalOptions)) from None
+
+
+def cmd_eval(args) -> int:
+    from posttrain.evaluate.harness import data_for_tasks, format_results, run_eval, write_results
+    from posttrain.evaluate.model import EvalModel
+
+    options = eval_options(args)
+    data = data_for_tasks(args.tasks, args.data)
+    model = EvalModel(args.model, batch_size=options.batch_size, cache=not args.no_cache)
+    baseline = EvalModel(args.baseline, batch_size=options.batch_size, cache=not args.no_cache) if args.baseline else None
+    results = run_eval(model, args.tasks, data, options, baseline)
+    print("\n" + format_results(results))
+    if args.out:
+        write_results(results, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from posttrain.evaluate.harness import run_eval
+    from posttrain.evaluate.model import EvalModel
+    from posttrain.evaluate.tasks import EvalOptions
+
+    options = EvalOptions(limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    results = run_eval(EvalModel(args.model, batch_size=args.batch_size), ["answer_accuracy"], {"answer_accuracy": args.data}, options)
+    accuracy = results["tasks"]["answer_accuracy"]["metrics"]["accuracy"]
+    correct = round(accuracy["value"] * accuracy["n"])
+    print(f"accuracy: {accuracy['value']:.3f} ({correct}/{accuracy['n']}), 95% interval [{accuracy['low']:.3f}, {accuracy['high']:.3f}]")
     return 0
 
 

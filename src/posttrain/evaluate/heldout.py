@@ -1,64 +1,105 @@
-"""Held-out scores of a model directory by the metrics training reports: the ``eval/loss`` of SFT runs and the
-per-pair completion log-probs that preference accuracy compares. For comparing models (soups, merges, exports)."""
+"""Held-out scores by the metrics training reports: the token NLL of gold completions (an SFT run's ``eval/loss``),
+per record, and the per-pair completion log-probs that preference accuracy compares. Each works on a model spec
+or on a loaded (model, tokenizer), through the training commands' own data pipelines."""
 
 from __future__ import annotations
 
 import torch
 
+from posttrain.train.forward import per_example_sum
 
-def evaluation_task(command: str, model: str, data: dict, **sections):
-    """(task, model placed on the best device) for scoring ``model`` with a command's own data pipeline."""
+
+def scoring_task(command: str, tokenizer, data: dict, **sections):
+    """A command's task, set up to build and collate ``data`` with ``tokenizer`` on the best device."""
     from accelerate import PartialState
 
     from posttrain.commands import COMMANDS
     from posttrain.config import validate_recipe
-    from posttrain.models import load_tokenizer, resolve_model
 
-    recipe = validate_recipe(command, {"model": str(model), "output_dir": "unused", "data": data,
+    recipe = validate_recipe(command, {"model": "unused", "output_dir": "unused", "data": data,
                                        "train": {"batch_size": 8, "report_to": []}, **sections})
-    path = resolve_model(recipe.model)
-    task = COMMANDS[command].task_class()(recipe, load_tokenizer(path))
+    task = COMMANDS[command].task_class()(recipe, tokenizer)
     task.accelerator = PartialState()
-    return task, task.load_model(path).to(task.device).eval()
+    return task
 
 
-def heldout_loss(model: str, data: str, limit: int | None = 200, max_length: int = 1024) -> float:
-    """Token-mean negative log-likelihood of the gold completions of the first ``limit`` records of ``data``."""
-    task, loaded = evaluation_task("sft", model, {"train": data, "eval": data, "eval_limit": limit,
-                                                  "max_length": max_length})
-    return task.evaluate(task.module(loaded), task.build_dataset("eval", quiet=True))["eval/loss"]
+def loaded(model):
+    """(model, tokenizer) from a spec, or the pair itself."""
+    if isinstance(model, tuple):
+        return model
+    from posttrain.evaluate.model import EvalModel
+
+    spec = EvalModel(str(model))
+    return spec.model, spec.tokenizer
 
 
 @torch.no_grad()
-def pair_logprobs(model: str, data: str, limit: int | None = 200, max_length: int = 320) -> dict[str, torch.Tensor]:
+def record_losses(model, data: str, limit: int | None = 200, max_length: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, number of target tokens) of each record's gold completion, records in file order; ``model``
+    is a spec or (model, tokenizer). Their ratio of sums is an SFT run's ``eval/loss`` (unit weights)."""
+    model, tokenizer = loaded(model)
+    task = scoring_task("sft", tokenizer, {"train": data, "eval": data, "eval_limit": limit, "max_length": max_length})
+    examples, module = task.build_dataset("eval", quiet=True), task.module(model)
+    was_training = model.training
+    model.eval()
+    nll, tokens = [], []
+    try:
+        for start in range(0, len(examples), 8):
+            batch = task.collate(examples[start:start + 8]).to(task.device)
+            logps = module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids)
+            mask = (batch.target_weights > 0).to(logps.dtype)
+            nll.append(per_example_sum(-logps * mask, batch).double().cpu())
+            tokens.append(per_example_sum(mask, batch).double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(nll), torch.cat(tokens)
+
+
+def heldout_loss(model, data: str, limit: int | None = 200, max_length: int = 1024) -> float:
+    """Token-mean negative log-likelihood of the gold completions of the first ``limit`` records of ``data``."""
+    nll, tokens = record_losses(model, data, limit, max_length)
+    return float(nll.sum() / tokens.sum())
+
+
+@torch.no_grad()
+def pair_logprobs(model, data: str, limit: int | None = 200, max_length: int = 320) -> dict[str, torch.Tensor]:
     """Summed log-probs and lengths of the chosen and rejected completions of held-out preference pairs (prompts
-    truncated from the left, as DPO trains)."""
+    truncated from the left, as DPO trains); ``model`` is a spec or (model, tokenizer)."""
     from posttrain.train.tasks.preference import sequence_stats
 
-    task, loaded = evaluation_task("dpo", model, {"train": data, "eval": data, "eval_limit": limit,
-                                                  "max_length": max_length, "truncation": "left"},
-                                   loss={"name": "simpo"}, reference="none")
-    module, pairs = task.module(loaded), task.build_dataset("eval", quiet=True)
+    model, tokenizer = loaded(model)
+    task = scoring_task("dpo", tokenizer, {"train": data, "eval": data, "eval_limit": limit, "max_length": max_length,
+                                           "truncation": "left"}, loss={"name": "simpo"}, reference="none")
+    module, pairs = task.module(model), task.build_dataset("eval", quiet=True)
     out: dict[str, list] = {"chosen": [], "rejected": [], "chosen_len": [], "rejected_len": []}
-    for start in range(0, len(pairs), 8):
-        batch = task.collate(pairs[start:start + 8]).to(task.device)
-        stats, half = sequence_stats(module, batch), batch.num_pairs
-        for key, side in (("chosen", slice(0, half)), ("rejected", slice(half, 2 * half))):
-            out[key].append(stats["logps"][side].double().cpu())
-            out[f"{key}_len"].append(stats["lengths"][side].double().cpu())
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(pairs), 8):
+            batch = task.collate(pairs[start:start + 8]).to(task.device)
+            stats, half = sequence_stats(module, batch), batch.num_pairs
+            for key, side in (("chosen", slice(0, half)), ("rejected", slice(half, 2 * half))):
+                out[key].append(stats["logps"][side].double().cpu())
+                out[f"{key}_len"].append(stats["lengths"][side].double().cpu())
+    finally:
+        model.train(was_training)
     return {key: torch.cat(values) for key, values in out.items()}
 
 
-def preference_accuracy(policy: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict:
-    """Share of pairs the model prefers the chosen completion of: by DPO's implicit reward
-    ``log pi/pi_ref(chosen) - log pi/pi_ref(rejected) > 0`` against a reference, or by mean log-prob without one.
-    Ties count half. With n and a 95% Wilson interval."""
-    from posttrain.evaluate.accuracy import wilson_interval
-
+def preference_margins(policy: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per pair: DPO's implicit reward margin ``log pi/pi_ref(chosen) - log pi/pi_ref(rejected)`` against a
+    reference, or the difference of mean token log-probs without one."""
     if reference is None:
-        margin = policy["chosen"] / policy["chosen_len"] - policy["rejected"] / policy["rejected_len"]
-    else:
-        margin = (policy["chosen"] - reference["chosen"]) - (policy["rejected"] - reference["rejected"])
+        return policy["chosen"] / policy["chosen_len"] - policy["rejected"] / policy["rejected_len"]
+    return (policy["chosen"] - reference["chosen"]) - (policy["rejected"] - reference["rejected"])
+
+
+def preference_accuracy(policy: dict[str, torch.Tensor], reference: dict[str, torch.Tensor] | None = None) -> dict:
+    """Share of pairs whose margin (:func:`preference_margins`) prefers the chosen completion; ties count half.
+    With n and a 95% Wilson interval."""
+    from posttrain.evaluate.stats import wilson_interval
+
+    margin = preference_margins(policy, reference)
     correct = float((margin > 0).sum() + 0.5 * (margin == 0).sum())
     n = len(margin)
     low, high = wilson_interval(round(correct), n)

@@ -88,7 +88,7 @@ def _text(completion) -> str:
 
 def summarize(scored: list[dict]) -> list[str]:
     """Lines for the terminal: counts, pairwise accuracy with a Wilson interval (ties count as wrong), mean scores."""
-    from posttrain.evaluate.accuracy import wilson_interval
+    from posttrain.evaluate.stats import wilson_interval
 
     lines = [f"scored {len(scored)} records"]
     pairs = [r for r in scored if "chosen_score" in r]

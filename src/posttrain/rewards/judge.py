@@ -31,6 +31,7 @@ def conversation_text(conversation: str | list[dict]) -> str:
 class Verdicts:
     first_better: torch.Tensor  # [n] probability that the first answer is better, averaged over both orders
     consistent: torch.Tensor  # [n] bool: both orders picked the same answer
+    first_slot: torch.Tensor  # [2n] P(the reply shown as A is better): as given, then with the replies swapped
 
 
 class PairwiseJudge:
@@ -61,7 +62,7 @@ class PairwiseJudge:
         p_a = torch.cat([self.prob_a(questions[lo : lo + self.batch_size]) for lo in range(0, len(questions), self.batch_size)]) \
             if questions else torch.zeros(0)
         in_order, swapped = p_a[:n], 1 - p_a[n:]  # each: P(the first answer is better)
-        return Verdicts((in_order + swapped) / 2, (in_order > 0.5) == (swapped > 0.5))
+        return Verdicts((in_order + swapped) / 2, (in_order > 0.5) == (swapped > 0.5), p_a)
 
     @torch.no_grad()
     def prob_a(self, texts: list[str]) -> torch.Tensor:

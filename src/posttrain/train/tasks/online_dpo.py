@@ -20,7 +20,7 @@ import torch
 
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.errors import UserError
-from posttrain.evaluate.accuracy import wilson_interval
+from posttrain.evaluate.stats import wilson_interval
 from posttrain.rewards.judge import PairwiseJudge, round_robin
 from posttrain.rollout.backend import SamplingSettings, sample_seed
 from posttrain.train.tasks.preference import PairBatch, PairExample, PreferenceTask

@@ -17,7 +17,7 @@ from posttrain.data.formats import RecordChecker
 from posttrain.data.load import split_records
 from posttrain.data.tokenize import ChatFormatter
 from posttrain.errors import UserError
-from posttrain.evaluate.accuracy import wilson_interval
+from posttrain.evaluate.stats import wilson_interval
 from posttrain.rollout.backend import SamplingSettings, TransformersBackend
 from posttrain.train.task import OfflineTask
 
