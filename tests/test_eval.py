@@ -254,3 +254,39 @@ def test_lm_eval_runs_a_local_task_offline(tiny_model_dir, tmp_path):
     acc = task["metrics"]["tiny_sums/acc"]
     assert acc["n"] == 4 and acc["value"] in (0, 0.25, 0.5, 0.75, 1)
     assert task["difference"]["tiny_sums/acc"]["value"] == 0
+
+
+def test_recipe_evals_run_at_every_evaluation_and_match_posttrain_eval(tiny_model_dir, tmp_path):
+    from helpers import metrics
+
+    from posttrain.evaluate.harness import run_eval
+    from posttrain.evaluate.model import EvalModel
+    from posttrain.evaluate.tasks import EvalOptions
+
+    evals = (f"[{{task: perplexity, data: {GSM8K_TEST}, limit: 8, max_length: 384}}, "
+             f"{{task: answer_accuracy, data: {GSM8K_TEST}, limit: 3, max_new_tokens: 6}}]")
+    run_sft(tiny_model_dir, tmp_path / "run", **{"evals": evals, "train.eval_every": 2, "train.max_steps": 4,
+                                                 "train.precision": "fp32"})
+    records = metrics(tmp_path / "run", "eval.jsonl")
+    assert [r["step"] for r in records] == [0, 2, 4]
+    for r in records:
+        assert r["eval/perplexity/loss_low"] <= r["eval/perplexity/loss"] <= r["eval/perplexity/loss_high"]
+        assert 0 <= r["eval/answer_accuracy/accuracy"] <= 1
+    assert records[-1]["eval/perplexity/loss"] < records[0]["eval/perplexity/loss"]
+    reset_accelerate()
+    final = run_eval(EvalModel(str(tmp_path / "run")), ["perplexity"], {"perplexity": str(GSM8K_TEST)},
+                     EvalOptions(limit=8, max_length=384))
+    assert final["tasks"]["perplexity"]["metrics"]["loss"]["value"] == pytest.approx(records[-1]["eval/perplexity/loss"], rel=1e-5)
+
+
+def test_recipe_evals_are_checked_when_the_recipe_loads(tiny_model_dir, tmp_path):
+    from posttrain.config import load_recipe
+    from posttrain.errors import UserError
+
+    base = [f"model={tiny_model_dir}", f"output_dir={tmp_path}", f"data.train={GSM8K}"]
+    with pytest.raises(UserError, match="unknown eval task 'acuracy'"):
+        load_recipe("sft", None, [*base, "evals=[{task: acuracy, data: x.jsonl}]"])
+    with pytest.raises(UserError, match="needs data"):
+        load_recipe("sft", None, [*base, "evals=[{task: perplexity}]"])
+    with pytest.raises(UserError, match="baseline"):
+        load_recipe("sft", None, [*base, "evals=[{task: win_rate, data: x.jsonl, judge: length}]"])

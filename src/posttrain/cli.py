@@ -292,7 +292,7 @@ def cmd_export(args) -> int:
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`EvalOptions` field, with its default and description."""
-    from posttrain.evaluate.tasks import EvalOptions
+    from posttrain.config import EvalOptions
 
     for name, spec in EvalOptions.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -310,7 +310,7 @@ def eval_options(args):
     from pydantic import ValidationError
 
     from posttrain.config import format_validation_error
-    from posttrain.evaluate.tasks import EvalOptions
+    from posttrain.config import EvalOptions
 
     given = {name: getattr(args, name) for name in EvalOptions.model_fields if getattr(args, name, None) is not None}
     try:
@@ -338,7 +338,7 @@ def cmd_eval(args) -> int:
 def cmd_evaluate(args) -> int:
     from posttrain.evaluate.harness import run_eval
     from posttrain.evaluate.model import EvalModel
-    from posttrain.evaluate.tasks import EvalOptions
+    from posttrain.config import EvalOptions
 
     options = EvalOptions(limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     results = run_eval(EvalModel(args.model, batch_size=args.batch_size), ["answer_accuracy"], {"answer_accuracy": args.data}, options)

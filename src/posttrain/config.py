@@ -118,6 +118,48 @@ class TrainConfig(Section):
         return self
 
 
+class EvalOptions(Section):
+    """Settings shared by the tasks (each reads the ones it needs); the CLI flags and a recipe's ``evals``."""
+
+    limit: int | None = Field(200, gt=0, description="evaluate the first N records (None: all)")
+    max_length: int = Field(1024, gt=1, description="perplexity / preference_accuracy: tokens per example")
+    max_new_tokens: int = Field(256, gt=0, description="generation length limit")
+    samples: int = Field(1, gt=0, description="generations per prompt for length / diversity / refusal_rate / "
+                         "win_rate (1: greedy; more: sampled at temperature)")
+    k: list[int] = Field(default_factory=list, description="answer_accuracy: pass@k and maj@k for these k (sampled)")
+    temperature: float = Field(0.8, gt=0, description="temperature of sampled generations")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of sampled generations")
+    seed: int = Field(0, description="seed of sampled generations (a sample is a function of prompt, seed, index)")
+    reference: str | None = Field(None, description="preference_accuracy: a reference model for the implicit "
+                                  "reward (default: the mean log-prob margin)")
+    judge: str | None = Field(None, description="win_rate: a reward model / run or a reward function name")
+    llm_judge: str | None = Field(None, description="win_rate: a causal LM asked which reply is better, both orders")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm_eval: lm-evaluation-harness task names")
+    batch_size: int = Field(16, gt=0, description="generation batch size")
+
+
+class EvalSpec(EvalOptions):
+    """One ``posttrain eval`` task run at every evaluation of a training run (``evals:`` in a recipe)."""
+
+    task: str = Field(description="a registered eval task (posttrain eval --help) or module:function")
+    data: str | None = Field(None, description="its data file")
+    baseline: str | None = Field(None, description="a model to compare with (win_rate and forgetting need one)")
+
+    @model_validator(mode="after")
+    def _known_task(self) -> "EvalSpec":
+        from posttrain.evaluate.tasks import EVAL_TASKS
+
+        try:
+            task = EVAL_TASKS.resolve(self.task)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        if task.needs_data and not self.data:
+            raise ValueError(f"evals: task {self.task} needs data")
+        if task.needs_baseline and not self.baseline:
+            raise ValueError(f"evals: task {self.task} compares with a baseline: set baseline")
+        return self
+
+
 class Recipe(Section):
     """Keys every training command understands."""
 
@@ -127,6 +169,8 @@ class Recipe(Section):
     data: DataConfig
     peft: PeftConfig = Field(default_factory=PeftConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evals: list[EvalSpec] = Field(default_factory=list, description="posttrain eval tasks run at every evaluation "
+                                  "(train.eval_every, start and end): [{task, data, limit, ...}], logged to eval.jsonl")
 
 
 class TokenSelection(Section):

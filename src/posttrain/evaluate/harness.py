@@ -77,6 +77,23 @@ def run_eval(model: EvalModel, tasks: list[str], data: dict[str, str | None], op
     return out
 
 
+def recipe_evals(specs: list, model, tokenizer, baselines: dict) -> dict[str, float]:
+    """A recipe's ``evals`` on the model being trained, flattened for eval.jsonl: ``eval/TASK/METRIC`` with
+    ``_low`` / ``_high``, and ``_diff`` (with its interval) against a baseline. Nothing is cached: the weights move."""
+    flat: dict[str, float] = {}
+    for spec in specs:
+        options = EvalOptions(**spec.model_dump(exclude={"task", "data", "baseline"}))
+        baseline = baselines.setdefault(spec.baseline, EvalModel(spec.baseline, batch_size=options.batch_size)) \
+            if spec.baseline else None
+        current = EvalModel(model=model, tokenizer=tokenizer, name="the model in training", batch_size=options.batch_size)
+        entry = run_eval(current, [spec.task], {spec.task: spec.data}, options, baseline, say=lambda _: None)["tasks"][spec.task]
+        for suffix, estimates in (("", entry["metrics"]), ("_diff", entry.get("difference", {}))):
+            for metric, e in estimates.items():
+                key = f"eval/{spec.task}/{metric}{suffix}"
+                flat.update({key: e["value"], f"{key}_low": e["low"], f"{key}_high": e["high"]})
+    return flat
+
+
 def _cell(estimate: dict | None) -> str:
     if estimate is None:
         return ""

@@ -25,7 +25,7 @@ from posttrain.train import checkpoint as ckpt
 from posttrain.train.task import sum_over_processes
 
 # Keys that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "report_to", "max_bad_steps"}
+RESUMABLE_CHANGES = {"evals", "max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "report_to", "max_bad_steps"}
 
 
 class TrainingError(UserError):
@@ -37,6 +37,8 @@ class Engine:
         self.recipe, self.cfg, self.task = recipe, recipe.train, task
         self.model, self.tokenizer = model, tokenizer
         self.train_examples, self.eval_examples = train_examples, eval_examples
+        self.evaluating = bool(eval_examples) or bool(recipe.evals)
+        self.eval_baselines: dict = {}  # models the recipe's evals compare with, loaded once
         self.acc = accelerator
         self.trained = task.trained(model)  # what the optimizer steps and checkpoints hold
         self.out = Path(recipe.output_dir)
@@ -88,7 +90,7 @@ class Engine:
         self.open_run_directory(state["step"])
         start_step = state["step"]
         history = {"first_loss": None, "last_loss": None, "eval": []}
-        if self.eval_examples and start_step == 0:
+        if self.evaluating and start_step == 0:
             history["eval"].append(self.evaluate(0))
 
         bar = tqdm(total=self.total_steps, initial=start_step, desc=f"{self.task.name}", unit="step",
@@ -117,12 +119,12 @@ class Engine:
                 bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
             every = lambda n: n and state["step"] % n == 0  # noqa: E731
-            if self.eval_examples and every(self.cfg.eval_every) and state["step"] != self.total_steps:
+            if self.evaluating and every(self.cfg.eval_every) and state["step"] != self.total_steps:
                 history["eval"].append(self.evaluate(state["step"]))
             if every(self.cfg.save_every):
                 self.save_checkpoint(optimizer, scheduler, {**state, "elapsed_s": state["elapsed_s"] + time.perf_counter() - clock})
         bar.close()
-        if self.eval_examples:
+        if self.evaluating:
             history["eval"].append(self.evaluate(self.total_steps))
         return self.finish(module, state["elapsed_s"] + time.perf_counter() - clock, state, start_step, history)
 
@@ -225,7 +227,14 @@ class Engine:
 
     def evaluate(self, step: int) -> dict:
         self.module.eval()
-        record = {"step": step, **self.task.evaluate(self.module, self.eval_examples)}
+        record = {"step": step, **(self.task.evaluate(self.module, self.eval_examples) if self.eval_examples else {})}
+        if self.recipe.evals:  # generation and scoring on the main process; the others wait
+            if self.acc.is_main_process:
+                from posttrain.evaluate.harness import recipe_evals
+
+                record.update(recipe_evals(self.recipe.evals, self.acc.unwrap_model(self.module).model,
+                                           self.tokenizer, self.eval_baselines))
+            self.acc.wait_for_everyone()
         self.module.train()
         self.log("eval.jsonl", record)
         return record
