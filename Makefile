@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test benchmark vllm-env
+.PHONY: setup quickstart test benchmark vllm-env browser
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,16 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(BIN)/posttrain quickstart
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# the report test renders its page in headless Chromium (Debian package chromium); installed here when missing and
+# this user may (CI), else that one test is skipped
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "note: chromium is not installed: the report's browser test will be skipped"
 
 benchmark: setup
 	$(BIN)/python benchmarks/sft.py

@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(handler=cmd_evaluate)
 
+    report = commands.add_parser("report", help="one HTML page with plots of one or more runs (overlaid), eval "
+                                 "metrics with intervals, a summary table and sample generations")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default=None, help="the HTML file (default: RUN_DIR/report.html for one run, "
+                        "report.html for several)")
+    report.add_argument("--smooth", type=float, default=0.6, help="exponential smoothing weight of training curves "
+                        "in [0, 1) (0: raw)")
+    report.add_argument("--watch", action="store_true", help="rewrite the page as the runs log (refresh to see it)")
+    report.add_argument("--interval", type=float, default=10.0, help="--watch: seconds between checks")
+    report.set_defaults(handler=cmd_report)
+
     recipes = commands.add_parser("recipes", help="list the shipped example recipes")
     recipes.set_defaults(handler=cmd_recipes)
 
@@ -345,6 +356,26 @@ def cmd_evaluate(args) -> int:
     accuracy = results["tasks"]["answer_accuracy"]["metrics"]["accuracy"]
     correct = round(accuracy["value"] * accuracy["n"])
     print(f"accuracy: {accuracy['value']:.3f} ({correct}/{accuracy['n']}), 95% interval [{accuracy['low']:.3f}, {accuracy['high']:.3f}]")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import time
+
+    from posttrain.report import watch, write_report
+
+    if not 0 <= args.smooth < 1:
+        raise UserError("report: --smooth must be in [0, 1)")
+    out = args.out or (str(Path(args.run_dirs[0]) / "report.html") if len(args.run_dirs) == 1 else "report.html")
+    if args.watch:
+        try:
+            watch(args.run_dirs, out, args.smooth, args.interval)
+        except KeyboardInterrupt:
+            print(f"stopped watching; {out} is the last page written")
+        return 0
+    started = time.perf_counter()
+    write_report(args.run_dirs, out, args.smooth)
+    print(f"wrote {out} ({time.perf_counter() - started:.1f}s)")
     return 0
 
 

@@ -77,10 +77,12 @@ def run_eval(model: EvalModel, tasks: list[str], data: dict[str, str | None], op
     return out
 
 
-def recipe_evals(specs: list, model, tokenizer, baselines: dict) -> dict[str, float]:
-    """A recipe's ``evals`` on the model being trained, flattened for eval.jsonl: ``eval/TASK/METRIC`` with
-    ``_low`` / ``_high``, and ``_diff`` (with its interval) against a baseline. Nothing is cached: the weights move."""
+def recipe_evals(specs: list, model, tokenizer, baselines: dict) -> tuple[dict[str, float], list[dict]]:
+    """A recipe's ``evals`` on the model being trained: metrics flattened for eval.jsonl (``eval/TASK/METRIC`` with
+    ``_low`` / ``_high``, and ``_diff`` with its interval against a baseline), and example generations for
+    samples.jsonl. Nothing is cached: the weights move."""
     flat: dict[str, float] = {}
+    samples: list[dict] = []
     for spec in specs:
         options = EvalOptions(**spec.model_dump(exclude={"task", "data", "baseline"}))
         baseline = baselines.setdefault(spec.baseline, EvalModel(spec.baseline, batch_size=options.batch_size)) \
@@ -91,7 +93,8 @@ def recipe_evals(specs: list, model, tokenizer, baselines: dict) -> dict[str, fl
             for metric, e in estimates.items():
                 key = f"eval/{spec.task}/{metric}{suffix}"
                 flat.update({key: e["value"], f"{key}_low": e["low"], f"{key}_high": e["high"]})
-    return flat
+        samples += [{"task": spec.task, **example} for example in entry["examples"]]
+    return flat, samples
 
 
 def _cell(estimate: dict | None) -> str:

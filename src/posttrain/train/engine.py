@@ -113,6 +113,7 @@ class Engine:
                 self.log("metrics.jsonl", {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                            "tokens_per_s": tokens_per_s, "elapsed_s": state["elapsed_s"] + now - clock,
                                            "tokens": state["tokens"], "epoch": state["step"] / self.steps_per_epoch,
+                                           "memory_gb": peak_memory_gb(self.acc.device),
                                            **metrics})
                 window = {"tokens": 0, "start": now}
                 shown = {label: f"{metrics[key]:.3g}" for label, key in self.task.progress.items() if key in metrics}
@@ -154,9 +155,9 @@ class Engine:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale(self.ckpt_root)
-            (self.out / "recipe.yaml").write_text(dump_recipe(self.recipe))
-            _truncate_log(self.out / "metrics.jsonl", step)
-            _truncate_log(self.out / "eval.jsonl", step)
+            (self.out / "recipe.yaml").write_text(f"# posttrain {self.task.name}\n" + dump_recipe(self.recipe))
+            for log in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+                _truncate_log(self.out / log, step)
         trackers = list(self.cfg.report_to)
         if trackers:
             self.acc.init_trackers("tensorboard" if trackers == ["tensorboard"] else self.out.name,
@@ -232,19 +233,22 @@ class Engine:
             if self.acc.is_main_process:
                 from posttrain.evaluate.harness import recipe_evals
 
-                record.update(recipe_evals(self.recipe.evals, self.acc.unwrap_model(self.module).model,
-                                           self.tokenizer, self.eval_baselines))
+                metrics, samples = recipe_evals(self.recipe.evals, self.acc.unwrap_model(self.module).model,
+                                                self.tokenizer, self.eval_baselines)
+                record.update(metrics)
+                for sample in samples:
+                    self.log("samples.jsonl", {"step": step, **sample}, track=False)
             self.acc.wait_for_everyone()
         self.module.train()
         self.log("eval.jsonl", record)
         return record
 
-    def log(self, filename: str, record: dict) -> None:
+    def log(self, filename: str, record: dict, track: bool = True) -> None:
         if not self.acc.is_main_process:
             return
         with open(self.out / filename, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.cfg.report_to:
+        if self.cfg.report_to and track:
             self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def save_checkpoint(self, optimizer, scheduler, state: dict) -> None:
@@ -279,6 +283,17 @@ class Engine:
             lines.append(f"  {key} {s['eval'][0][key]:.4f} -> {s['eval'][-1][key]:.4f}")
         lines.append(f"  model: {self.out / 'final'}   metrics: {self.out / 'metrics.jsonl'}")
         print("\n".join(lines), flush=True)
+
+
+def peak_memory_gb(device) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, else the process's peak resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def _accumulate(totals: dict[str, float], metrics: dict) -> None:
