@@ -290,3 +290,18 @@ def test_recipe_evals_are_checked_when_the_recipe_loads(tiny_model_dir, tmp_path
         load_recipe("sft", None, [*base, "evals=[{task: perplexity}]"])
     with pytest.raises(UserError, match="baseline"):
         load_recipe("sft", None, [*base, "evals=[{task: win_rate, data: x.jsonl, judge: length}]"])
+
+
+def test_quickstart_prints_paired_changes_and_writes_results(tiny_model_dir, tmp_path, capsys):
+    from posttrain.quickstart import quickstart
+
+    results = quickstart(str(tmp_path / "qs"), 4, [f"model={tiny_model_dir}", "train.max_steps=2", "train.save_every=null",
+                                                    "data.eval=null", "train.report_to=[]", "peft.r=4"])
+    printed = capsys.readouterr().out
+    assert (tmp_path / "qs" / "results.json").exists()
+    for label in ("held-out loss of gold solutions", "#### N", "accuracy (greedy)"):
+        assert label in printed
+    difference = results["tasks"]["answer_accuracy"]["difference"]["accuracy"]
+    assert difference["n"] == 4
+    if difference["low"] <= 0:  # a tiny random model gains no accuracy: the output must say so, not print a gain
+        assert "Accuracy: no gain shown" in printed

@@ -27,9 +27,14 @@ def cache_root() -> Path:
 
 
 def fingerprint(path: str) -> str:
-    """sha256 over the files that decide what a model generates (memoized by path, size and mtime)."""
+    """sha256 over the files that decide what a model generates, an adapter's base model included (memoized by
+    path, size and mtime)."""
     root = Path(path)
     files = sorted({f for pattern in FINGERPRINTED for f in root.glob(pattern) if f.is_file()})
+    if (root / "adapter_config.json").exists():
+        base = json.loads((root / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            files += sorted({f for pattern in FINGERPRINTED for f in Path(base).glob(pattern) if f.is_file()})
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     memo_file = cache_root() / "fingerprints.json"
     memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
@@ -115,7 +120,10 @@ class EvalModel:
 
         from posttrain.models import load_model
 
-        return load_model(self.path).to(PartialState().device).eval()
+        model = load_model(self.path)
+        if hasattr(model, "merge_and_unload"):  # an adapter: merged for inference, one matmul per layer
+            model = model.merge_and_unload()
+        return model.to(PartialState().device).eval()
 
     @cached_property
     def cache(self) -> GenerationCache | None:
