@@ -305,3 +305,27 @@ def test_quickstart_prints_paired_changes_and_writes_results(tiny_model_dir, tmp
     assert difference["n"] == 4
     if difference["low"] <= 0:  # a tiny random model gains no accuracy: the output must say so, not print a gain
         assert "Accuracy: no gain shown" in printed
+
+
+def test_user_tasks_by_module_function_and_bad_input_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from posttrain.cli import main
+
+    (tmp_path / "my_tasks.py").write_text(
+        "from posttrain.evaluate import stats\nfrom posttrain.evaluate.tasks import TaskResult, load_prompts\n"
+        "def prompt_words(model, data, ctx):\n"
+        "    prompts, _ = load_prompts(data, ctx.options.limit)\n"
+        "    words = [len(p.split()) for p in prompts]\n"
+        "    return TaskResult({'words': stats.mean(words)}, {'words': (words, None)}, {'words': 0})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "one two three"}, {"prompt": "four five"}])
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_model_dir), "my_tasks:prompt_words", "--data", str(data), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tasks"]["my_tasks:prompt_words"]["metrics"]["words"]["value"] == 2.5
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "2 + 2?", "answer": "4"}, {"prompt": "no answer"}])
+    assert main(["eval", str(tiny_model_dir), "answer_accuracy", "--data", str(bad)]) == 2
+    message = capsys.readouterr().err
+    assert str(bad) in message and "line 2" in message and "answer" in message
+    assert main(["eval", str(tiny_model_dir), "perplexity"]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert main(["eval", str(tiny_model_dir), "win_rate", "--data", str(data), "--judge", "length"]) == 2
+    assert "--baseline" in capsys.readouterr().err
