@@ -124,8 +124,8 @@ class EvalOptions(Section):
     limit: int | None = Field(200, gt=0, description="evaluate the first N records (None: all)")
     max_length: int = Field(1024, gt=1, description="perplexity / preference_accuracy: tokens per example")
     max_new_tokens: int = Field(256, gt=0, description="generation length limit")
-    samples: int = Field(1, gt=0, description="generations per prompt for length / diversity / refusal_rate / "
-                         "win_rate (1: greedy; more: sampled at temperature)")
+    samples: int = Field(1, gt=0, description="generations per prompt for length / diversity / refusal_rate "
+                         "(1: greedy; more: sampled at temperature)")
     k: list[int] = Field(default_factory=list, description="answer_accuracy: pass@k and maj@k for these k (sampled)")
     temperature: float = Field(0.8, gt=0, description="temperature of sampled generations")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of sampled generations")

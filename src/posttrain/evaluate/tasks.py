@@ -42,9 +42,10 @@ class EvalContext:
             self.models[spec] = EvalModel(spec, batch_size=self.options.batch_size)
         return self.models[spec]
 
-    def sampling(self, samples: int) -> SamplingSettings:
+    def sampling(self, sampled: bool) -> SamplingSettings:
+        """Greedy decoding, or sampling at the options' temperature and top-p."""
         o = self.options
-        return SamplingSettings(o.max_new_tokens, o.temperature if samples > 1 else 0.0, o.top_p if samples > 1 else 1.0)
+        return SamplingSettings(o.max_new_tokens, o.temperature if sampled else 0.0, o.top_p if sampled else 1.0)
 
 
 @dataclass
@@ -173,12 +174,11 @@ def answer_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult
     """GSM8K-style: greedy accuracy, answer format, and with --k sampled pass@k and maj@k"""
     from posttrain.evaluate.accuracy import load_answer_records
     from posttrain.evaluate.answers import is_correct
-    from posttrain.infer.decoding import majority_vote
 
     o = ctx.options
     records = load_answer_records(data, o.limit)
     prompts = [r["prompt"] for r in records]
-    greedy = model.generate(prompts, ctx.sampling(1))
+    greedy = model.generate(prompts, ctx.sampling(False))
     correct = np.array([is_correct(g[0].text, r["answer"]) for g, r in zip(greedy, records)], dtype=np.float64)
     formatted = np.array([ends_with_answer(g[0].text) for g in greedy], dtype=np.float64)
     truncated = np.array([g[0].truncated for g in greedy], dtype=np.float64)
@@ -188,11 +188,11 @@ def answer_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult
     better = {"accuracy": 1, "format": 1, "truncated": -1}
     if o.k:
         n = max(o.samples, max(o.k))
-        sampled = model.generate(prompts, ctx.sampling(max(n, 2)), samples=n, seed=o.seed)
+        sampled = model.generate(prompts, ctx.sampling(True), samples=n, seed=o.seed)
         right = [[is_correct(g.text, r["answer"]) for g in row] for row, r in zip(sampled, records)]
         for k in sorted(set(o.k)):
             passed = np.array([stats.pass_at_k(n, sum(row), k) for row in right])
-            voted = np.array([np.mean([_vote_correct(majority_vote, [g.text for g in row[i:i + k]], r["answer"])
+            voted = np.array([np.mean([_vote_correct([g.text for g in row[i:i + k]], r["answer"])
                                        for i in range(0, n - k + 1, k)]) for row, r in zip(sampled, records)])
             metrics[f"pass@{k}"], metrics[f"maj@{k}"] = stats.mean(passed), stats.proportion(voted)
             per_example[f"pass@{k}"], per_example[f"maj@{k}"] = (passed, None), (voted, None)
@@ -201,12 +201,14 @@ def answer_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult
     return TaskResult(metrics, per_example, better, examples, {"samples": n if o.k else 0})
 
 
-def _vote_correct(vote, texts: list[str], answer) -> float:
+def _vote_correct(texts: list[str], answer) -> float:
+    """Whether the majority answer of ``texts`` (ties: the answer given first) is the reference."""
     from fractions import Fraction
 
     from posttrain.evaluate.answers import normalize_number
+    from posttrain.infer.decoding import majority_vote
 
-    winner, _ = vote(texts)
+    winner, _ = majority_vote(texts)
     gold = answer if isinstance(answer, Fraction) else normalize_number(str(answer))
     return float(winner is not None and winner == gold)
 
@@ -215,7 +217,7 @@ def _vote_correct(vote, texts: list[str], answer) -> float:
 def length(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """generated tokens per reply, and the share stopped by the token limit"""
     prompts, _ = load_prompts(data, ctx.options.limit)
-    gens = model.generate(prompts, ctx.sampling(ctx.options.samples), ctx.options.samples, ctx.options.seed)
+    gens = model.generate(prompts, ctx.sampling(ctx.options.samples > 1), ctx.options.samples, ctx.options.seed)
     tokens = np.array([np.mean([g.tokens for g in row]) for row in gens])
     truncated = np.array([np.mean([g.truncated for g in row]) for row in gens])
     return TaskResult({"length": stats.mean(tokens), "truncated": stats.proportion(truncated)},
@@ -243,7 +245,7 @@ def diversity(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     --samples > 1, else across prompts)"""
     o = ctx.options
     prompts, _ = load_prompts(data, o.limit)
-    gens = model.generate(prompts, ctx.sampling(o.samples), o.samples, o.seed)
+    gens = model.generate(prompts, ctx.sampling(o.samples > 1), o.samples, o.seed)
     texts = [[g.text for g in row] for row in gens]
     metrics, per_example = {}, {}
     embed = embedder()
@@ -327,7 +329,7 @@ def is_refusal(text: str) -> bool:
 def refusal_rate(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """share of replies that refuse, by their phrasing"""
     prompts, _ = load_prompts(data, ctx.options.limit)
-    gens = model.generate(prompts, ctx.sampling(ctx.options.samples), ctx.options.samples, ctx.options.seed)
+    gens = model.generate(prompts, ctx.sampling(ctx.options.samples > 1), ctx.options.samples, ctx.options.seed)
     refused = np.array([np.mean([is_refusal(g.text) for g in row]) for row in gens])
     return TaskResult({"refusal_rate": stats.proportion(refused)}, {"refusal_rate": (refused, None)},
                       {"refusal_rate": 0}, showcase(prompts, gens, lambda i: {"refused": bool(refused[i])}))
@@ -341,8 +343,8 @@ def win_rate(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     if bool(o.judge) == bool(o.llm_judge):
         raise UserError("win_rate: give --judge (a reward model or reward function) or --llm-judge MODEL (one of them)")
     prompts, records = load_prompts(data, o.limit)
-    ours = model.generate(prompts, ctx.sampling(1))
-    theirs = ctx.baseline.generate(prompts, ctx.sampling(1))
+    ours = model.generate(prompts, ctx.sampling(False))
+    theirs = ctx.baseline.generate(prompts, ctx.sampling(False))
     a, b = [g[0].text for g in ours], [g[0].text for g in theirs]
     metrics, info = {}, {}
     if o.judge:
