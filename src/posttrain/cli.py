@@ -145,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--interval", type=float, default=10.0, help="--watch: seconds between checks")
     report.set_defaults(handler=cmd_report)
 
+    data = commands.add_parser("data", help="data tools: inspect a data file")
+    tools = data.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    inspect = tools.add_parser("inspect", help="counts, token lengths per field (the model's tokenizer and chat "
+                               "template), truncation at --max-length, duplicates and every format error")
+    inspect.add_argument("file", help="a data file (.jsonl, .json, .parquet, .csv, a saved dataset or pkg:assets/...)")
+    inspect.add_argument("--model", default="default", help="whose tokenizer and chat template count the tokens")
+    inspect.add_argument("--max-length", type=int, default=1024, help="count the examples this length would truncate")
+    inspect.add_argument("--format", choices=("auto", "sft", "preference", "unpaired", "ranked"), default="auto")
+    inspect.add_argument("--chat-template", default=None, help="'chatml' or a Jinja string (default: the tokenizer's)")
+    inspect.add_argument("--limit", type=int, default=None, help="inspect the first N records")
+    inspect.add_argument("--out", default=None, help="write the full report (every error) as JSON")
+    inspect.set_defaults(handler=cmd_data_inspect)
+
     recipes = commands.add_parser("recipes", help="list the shipped example recipes")
     recipes.set_defaults(handler=cmd_recipes)
 
@@ -376,6 +389,22 @@ def cmd_report(args) -> int:
     started = time.perf_counter()
     write_report(args.run_dirs, out, args.smooth)
     print(f"wrote {out} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    import json
+
+    from posttrain.data.inspect import format_inspection, inspect_file
+    from posttrain.models import load_tokenizer, resolve_model
+
+    report = inspect_file(args.file, load_tokenizer(resolve_model(args.model)), args.max_length, args.format,
+                          args.limit, args.chat_template)
+    print(format_inspection(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
