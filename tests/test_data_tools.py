@@ -69,3 +69,62 @@ def test_inspect_lengths_of_a_pair_are_the_longer_side(tiny_tokenizer, tmp_path)
     assert report["lengths"]["total"]["max"] == max(len(chosen.input_ids), len(rejected.input_ids)) == len(rejected.input_ids)
     assert report["lengths"]["chosen"]["max"] == int((chosen.weights > 0).sum())
     assert report["lengths"]["prompt"]["max"] == len(chosen.input_ids) - int((chosen.weights > 0).sum())
+
+
+HH = GSM8K.parent / "hh_harmless_eval_200.jsonl"
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_convert_pairs_to_unpaired_and_back_is_the_identity(tmp_path):
+    from posttrain.data.adapters import adapt
+    from posttrain.data.convert import convert_file
+
+    first = convert_file(str(HH), "unpaired", str(tmp_path / "u.jsonl"), limit=20)
+    assert first == {"read": 20, "formats": {"preference": 20}, "written": 40, "skipped": {}}
+    assert [r["label"] for r in read(tmp_path / "u.jsonl")[:4]] == [True, False, True, False]
+    convert_file(str(tmp_path / "u.jsonl"), "preference", str(tmp_path / "p.jsonl"))
+    originals = [adapt("hh_rlhf", json.loads(line), "", "") for line in HH.read_text().splitlines()[:20]]
+    assert read(tmp_path / "p.jsonl") == originals
+
+
+def test_convert_rankings_unpaired_and_conversations(tmp_path, capsys):
+    from posttrain.cli import main
+    from posttrain.data.convert import convert_file
+
+    ranked = write_jsonl(tmp_path / "r.jsonl", [
+        {"prompt": "q1", "responses": ["a", "b", "c"], "scores": [0.2, 0.9, 0.1], "id": 1},
+    ])
+    convert_file(str(ranked), "preference", str(tmp_path / "p.jsonl"))
+    assert read(tmp_path / "p.jsonl") == [{"prompt": "q1", "chosen": "b", "rejected": "c", "id": 1}]
+    convert_file(str(ranked), "unpaired", str(tmp_path / "ru.jsonl"))
+    assert [(r["completion"], r["label"]) for r in read(tmp_path / "ru.jsonl")] == [("b", True), ("c", False)]
+    convert_file(str(ranked), "sft", str(tmp_path / "s.jsonl"))
+    assert read(tmp_path / "s.jsonl") == [{"prompt": "q1", "completion": "b", "id": 1}]
+
+    unpaired = write_jsonl(tmp_path / "u.jsonl", [
+        {"prompt": "p", "completion": "good 1", "label": True}, {"prompt": "p", "completion": "bad 1", "label": False},
+        {"prompt": "p", "completion": "good 2", "label": True}, {"prompt": "lonely", "completion": "x", "label": False},
+    ])
+    summary = convert_file(str(unpaired), "preference", str(tmp_path / "p2.jsonl"))
+    assert read(tmp_path / "p2.jsonl") == [{"prompt": "p", "chosen": "good 1", "rejected": "bad 1"}]
+    assert summary["skipped"] == {"no completion of the other label for the same prompt": 2}
+    convert_file(str(unpaired), "sft", str(tmp_path / "s2.jsonl"))
+    assert [r["completion"] for r in read(tmp_path / "s2.jsonl")] == ["good 1", "good 2"]
+
+    chats = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]}])
+    convert_file(str(chats), "unpaired", str(tmp_path / "cu.jsonl"))
+    (record,) = read(tmp_path / "cu.jsonl")
+    assert record["completion"] == [{"role": "assistant", "content": "see you"}] and len(record["prompt"]) == 3
+
+    assert main(["data", "convert", str(chats), "--to", "preference", "--out", str(tmp_path / "no.jsonl")]) == 2
+    assert "a pair needs two" in capsys.readouterr().err
+    broken = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                                 {"prompt": "q", "chosen": "a", "rejected": 7}])
+    assert main(["data", "convert", str(broken), "--to", "unpaired", "--out", str(tmp_path / "b2.jsonl")]) == 2
+    message = capsys.readouterr().err
+    assert "line 2" in message and "'rejected'" in message

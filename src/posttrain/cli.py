@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--interval", type=float, default=10.0, help="--watch: seconds between checks")
     report.set_defaults(handler=cmd_report)
 
-    data = commands.add_parser("data", help="data tools: inspect a data file")
+    data = commands.add_parser("data", help="data tools: inspect a data file, convert between formats")
     tools = data.add_subparsers(dest="tool", required=True, metavar="TOOL")
     inspect = tools.add_parser("inspect", help="counts, token lengths per field (the model's tokenizer and chat "
                                "template), truncation at --max-length, duplicates and every format error")
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--limit", type=int, default=None, help="inspect the first N records")
     inspect.add_argument("--out", default=None, help="write the full report (every error) as JSON")
     inspect.set_defaults(handler=cmd_data_inspect)
+    convert = tools.add_parser("convert", help="convert between sft, preference and unpaired records (GSM8K and "
+                               "HH-RLHF layouts read too)")
+    convert.add_argument("file")
+    convert.add_argument("--to", required=True, choices=("sft", "preference", "unpaired"))
+    convert.add_argument("--out", required=True, help="the converted records (JSON lines)")
+    convert.add_argument("--limit", type=int, default=None, help="convert the first N records")
+    convert.set_defaults(handler=cmd_data_convert)
 
     recipes = commands.add_parser("recipes", help="list the shipped example recipes")
     recipes.set_defaults(handler=cmd_recipes)
@@ -405,6 +412,17 @@ def cmd_data_inspect(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from posttrain.data.convert import convert_file
+
+    summary = convert_file(args.file, args.to, args.out, args.limit)
+    formats = ", ".join(f"{n} {kind}" for kind, n in summary["formats"].items())
+    print(f"read {summary['read']} records ({formats}); wrote {summary['written']} {args.to} records to {args.out}")
+    for why, n in summary["skipped"].items():
+        print(f"  skipped {n}: {why}")
     return 0
 
 
