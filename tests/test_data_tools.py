@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from conftest import GSM8K, write_jsonl
 
 
@@ -128,3 +131,71 @@ def test_convert_rankings_unpaired_and_conversations(tmp_path, capsys):
     assert main(["data", "convert", str(broken), "--to", "unpaired", "--out", str(tmp_path / "b2.jsonl")]) == 2
     message = capsys.readouterr().err
     assert "line 2" in message and "'rejected'" in message
+
+
+# -- select -------------------------------------------------------------------------------------------------------
+def candidates_of(texts):
+    from posttrain.data.select import Candidate
+
+    return [Candidate(f"line {i + 1}", {"prompt": p, "completion": c}, p, c, len(c.split())) for i, (p, c) in enumerate(texts)]
+
+
+def test_duplicate_filters_exact_and_near():
+    from posttrain.data.select import exact_duplicates, near_duplicates
+
+    story = "the quick brown fox jumps over the lazy dog while the farmer counts forty two sheep in the green field today"
+    cands = candidates_of([("Tell me", story), ("tell  ME", story.upper()), ("Tell me", story.replace("forty", "fifty")),
+                           ("Other", "an entirely different answer about arithmetic and the price of eggs at market")])
+    assert exact_duplicates(cands) == {1}
+    assert near_duplicates([cands[i] for i in (0, 2, 3)], threshold=0.5) == {1}  # one word of 21 changed
+
+
+def test_unconditioned_reply_loss_by_a_direct_forward(tiny_model_dir, tiny_tokenizer):
+    """IFD's denominator: the reply as plain text, EOS included (as SFT trains it), every token after the first."""
+    import torch
+
+    from posttrain.data.select import completion_nll
+    from posttrain.models import load_model
+
+    model = load_model(str(tiny_model_dir)).double().eval()
+    text = "Natalia sold 48 clips in April and half as many in May: 72 in all."
+    ids = torch.tensor([tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])
+    assert completion_nll(model, tiny_tokenizer, [{"text": text}], 1024)[0] == pytest.approx(float(-logps.mean()), rel=1e-6)
+
+
+def test_zip_fit_and_kcenter_by_hand():
+    import gzip
+
+    from posttrain.data.select import kcenter_greedy, zip_fit_scores
+
+    target = "How many apples does Tom have if he buys 3 bags of 4 apples? He has 12 apples. #### 12"
+    cands = candidates_of([("How many apples does Tom have if he buys 3 bags of 4 apples?", "He has 12 apples. #### 12"),
+                           ("Write a haiku", "Autumn moonlight, a worm digs silently into the chestnut")])
+    scores = zip_fit_scores(cands, [target])
+    size = lambda s: len(gzip.compress(s.encode(), compresslevel=9))  # noqa: E731
+    x = f"{cands[1].prompt}\n{cands[1].completion}"
+    ncd = (size(x + target) - min(size(x), size(target))) / max(size(x), size(target))
+    assert scores[1] == pytest.approx(1 - ncd) and scores[0] > scores[1]
+    angles = np.deg2rad([0, 5, 90, 180, 100])
+    vectors = np.stack([np.cos(angles), np.sin(angles)], 1)
+    assert kcenter_greedy(vectors, 3, first=0) == [0, 3, 2]  # opposite first, then the one farthest from both
+
+
+def test_cli_select_keeps_the_budget_as_read_and_reports_every_record(tiny_model_dir, tmp_path, capsys):
+    from posttrain.cli import main
+
+    out, report = tmp_path / "kept.jsonl", tmp_path / "scores.jsonl"
+    args = ["data", "select", str(GSM8K), "--limit", "40", "--budget", "7", "--model", str(tiny_model_dir),
+            "--out", str(out), "--report", str(report)]
+    assert main([*args, "--method", "ifd", "--dedup", "minhash"]) == 0
+    originals = [json.loads(line) for line in GSM8K.read_text().splitlines()[:40]]
+    kept = read(out)
+    assert len(kept) == 7 and all(r in originals for r in kept)
+    fates = read(report)
+    assert len(fates) == 40 and sum(f["fate"].startswith("kept") for f in fates) == 7
+    ranked = sorted((f for f in fates if "ifd" in f and f["ifd"] < 1), key=lambda f: -f["ifd"])[:7]
+    assert {f["where"] for f in ranked} == {f["where"] for f in fates if f["fate"].startswith("kept")}
+    assert main([*args, "--method", "length", "--target", str(GSM8K)]) == 2
+    assert "--target is read by --method zip_fit only" in capsys.readouterr().err

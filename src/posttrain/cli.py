@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--interval", type=float, default=10.0, help="--watch: seconds between checks")
     report.set_defaults(handler=cmd_report)
 
-    data = commands.add_parser("data", help="data tools: inspect a data file, convert between formats")
+    data = commands.add_parser("data", help="data tools: inspect a data file, convert between formats, select records")
     tools = data.add_subparsers(dest="tool", required=True, metavar="TOOL")
     inspect = tools.add_parser("inspect", help="counts, token lengths per field (the model's tokenizer and chat "
                                "template), truncation at --max-length, duplicates and every format error")
@@ -164,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="the converted records (JSON lines)")
     convert.add_argument("--limit", type=int, default=None, help="convert the first N records")
     convert.set_defaults(handler=cmd_data_convert)
+    from posttrain.data.select import SELECTORS
+
+    pick = tools.add_parser("select", help="filter (duplicates, length), score and pick a budget of SFT records",
+                            description=(__import__("posttrain.data.select", fromlist=["x"]).__doc__ or ""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    pick.add_argument("file")
+    pick.add_argument("--budget", type=int, required=True, help="records to keep")
+    pick.add_argument("--method", choices=SELECTORS, default="random")
+    pick.add_argument("--out", required=True, help="the kept records, as read, in file order")
+    pick.add_argument("--report", default=None, help="every record's scores and fate (JSON lines)")
+    pick.add_argument("--model", default="default", help="the model that scores (loss, ifd) and tokenizes")
+    pick.add_argument("--target", default=None, help="zip_fit: records of the data to align with")
+    pick.add_argument("--dedup", choices=("none", "exact", "minhash"), default="exact",
+                      help="remove exact duplicates, and with minhash near duplicates too")
+    pick.add_argument("--near-threshold", type=float, default=0.8, help="minhash: estimated Jaccard similarity")
+    pick.add_argument("--min-tokens", type=int, default=0)
+    pick.add_argument("--max-tokens", type=int, default=None)
+    pick.add_argument("--prefer", choices=("high", "low"), default="high", help="loss: keep the highest or lowest")
+    pick.add_argument("--seed", type=int, default=0)
+    pick.add_argument("--limit", type=int, default=None, help="read the first N records")
+    pick.set_defaults(handler=cmd_data_select)
 
     recipes = commands.add_parser("recipes", help="list the shipped example recipes")
     recipes.set_defaults(handler=cmd_recipes)
@@ -423,6 +444,18 @@ def cmd_data_convert(args) -> int:
     print(f"read {summary['read']} records ({formats}); wrote {summary['written']} {args.to} records to {args.out}")
     for why, n in summary["skipped"].items():
         print(f"  skipped {n}: {why}")
+    return 0
+
+
+def cmd_data_select(args) -> int:
+    from posttrain.data.select import select_file
+
+    summary = select_file(args.file, args.budget, args.method, args.out, model_spec=args.model, target=args.target,
+                          dedup=args.dedup, near_threshold=args.near_threshold, min_tokens=args.min_tokens,
+                          max_tokens=args.max_tokens, prefer=args.prefer, seed=args.seed, limit=args.limit,
+                          report=args.report)
+    print("; ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
+    print(f"wrote {summary['kept']} records to {args.out}" + (f", scores to {args.report}" if args.report else ""))
     return 0
 
 
