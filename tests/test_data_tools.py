@@ -199,3 +199,43 @@ def test_cli_select_keeps_the_budget_as_read_and_reports_every_record(tiny_model
     assert {f["where"] for f in ranked} == {f["where"] for f in fates if f["fate"].startswith("kept")}
     assert main([*args, "--method", "length", "--target", str(GSM8K)]) == 2
     assert "--target is read by --method zip_fit only" in capsys.readouterr().err
+
+
+def test_deita_scores_are_expectations_over_1_to_6_and_the_filter_skips_near_copies(tiny_model_dir, tiny_tokenizer):
+    import torch
+
+    from posttrain.data.select import DEITA_COMPLEXITY, deita_scores, diverse_in_order
+    from posttrain.models import load_model
+
+    model = load_model(str(tiny_model_dir)).double().eval()
+    cands = candidates_of([("What is 2 + 2?", "4"), ("Prove Fermat's last theorem.", "It is long.")])
+    complexity, quality = deita_scores(model, tiny_tokenizer, cands)
+    assert ((complexity > 1) & (complexity < 6)).all() and ((quality > 1) & (quality < 6)).all()
+    ids = tiny_tokenizer(DEITA_COMPLEXITY.format(instruction=cands[0].prompt))["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    digits = [tiny_tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(1, 7)]
+    expected = float(torch.softmax(logits[digits].double(), -1) @ torch.arange(1, 7, dtype=torch.float64))
+    assert complexity[0] == pytest.approx(expected, rel=1e-9)
+    vectors = np.array([[1.0, 0.0], [0.99, 0.141], [0.0, 1.0], [0.6, 0.8]])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert diverse_in_order(vectors, [0, 1, 2, 3], budget=3, similarity=0.9) == [0, 2, 3]  # 1 is a near copy of 0
+
+
+def test_grape_keeps_the_response_the_model_finds_most_likely(tiny_model_dir, tmp_path):
+    from posttrain.data.select import completion_nll
+    from posttrain.evaluate.model import EvalModel
+    from posttrain.data.select import select_file
+
+    records = [{"prompt": "Add 2 and 3.", "responses": ["5", "The sum of 2 and 3 is 5.", "zzzz qqq"], "id": 1},
+               {"prompt": "Name a colour.", "responses": ["Blue.", "A colour: red"], "id": 2}]
+    data = write_jsonl(tmp_path / "cands.jsonl", records)
+    summary = select_file(str(data), 2, "grape", str(tmp_path / "out.jsonl"), model_spec=str(tiny_model_dir),
+                          report=str(tmp_path / "scores.jsonl"))
+    scorer = EvalModel(str(tiny_model_dir))
+    for record, kept in zip(records, read(tmp_path / "out.jsonl")):
+        nll = completion_nll(scorer.model, scorer.tokenizer, [{"prompt": record["prompt"], "completion": r}
+                                                               for r in record["responses"]], 1024)
+        assert kept == {"prompt": record["prompt"], "id": record["id"],
+                        "completion": record["responses"][int(np.argmin(nll))]}
+    assert summary["kept"] == 2 and len(read(tmp_path / "scores.jsonl")) == 2

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--min-tokens", type=int, default=0)
     pick.add_argument("--max-tokens", type=int, default=None)
     pick.add_argument("--prefer", choices=("high", "low"), default="high", help="loss: keep the highest or lowest")
+    pick.add_argument("--similarity", type=float, default=0.9, help="deita: the cosine similarity to an already "
+                      "taken record at which a record is skipped")
+    pick.add_argument("--max-length", type=int, default=1024, help="tokens per record when the model scores it")
     pick.add_argument("--seed", type=int, default=0)
     pick.add_argument("--limit", type=int, default=None, help="read the first N records")
     pick.set_defaults(handler=cmd_data_select)
@@ -453,7 +456,7 @@ def cmd_data_select(args) -> int:
     summary = select_file(args.file, args.budget, args.method, args.out, model_spec=args.model, target=args.target,
                           dedup=args.dedup, near_threshold=args.near_threshold, min_tokens=args.min_tokens,
                           max_tokens=args.max_tokens, prefer=args.prefer, seed=args.seed, limit=args.limit,
-                          report=args.report)
+                          report=args.report, similarity=args.similarity, max_length=args.max_length)
     print("; ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
     print(f"wrote {summary['kept']} records to {args.out}" + (f", scores to {args.report}" if args.report else ""))
     return 0

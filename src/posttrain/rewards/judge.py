@@ -64,27 +64,34 @@ class PairwiseJudge:
         in_order, swapped = p_a[:n], 1 - p_a[n:]  # each: P(the first answer is better)
         return Verdicts((in_order + swapped) / 2, (in_order > 0.5) == (swapped > 0.5), p_a)
 
-    @torch.no_grad()
     def prob_a(self, texts: list[str]) -> torch.Tensor:
         """P("A") / (P("A") + P("B")) as the judge's next token after each text."""
-        from posttrain.data.batching import right_padded
-        from posttrain.train.forward import final_hidden_states
+        return choice_probs(self.model, self.tokenizer, texts, self.letters, self.max_length)[:, 0]
 
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length:] for t in texts]
-        input_ids, mask, ends = right_padded(ids, self.tokenizer.pad_token_id)
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            hidden = final_hidden_states(self.model, input_ids.to(device), None, mask.to(device))
-        finally:
-            self.model.train(was_training)
-        last = hidden[torch.arange(len(ids)), ends]
-        head = self.model.get_output_embeddings()
-        logits = last @ head.weight[self.letters].T
-        if head.bias is not None:
-            logits = logits + head.bias[self.letters]
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)[:, 0].cpu()
+
+@torch.no_grad()
+def choice_probs(model, tokenizer, texts: list[str], token_ids: list[int], max_length: int = 2048,
+                 add_special_tokens: bool = False) -> torch.Tensor:
+    """[n, k] next-token probabilities after each text, renormalized over ``token_ids`` only (the vocabulary
+    projection is computed for those k rows, not the whole vocabulary)."""
+    from posttrain.data.batching import right_padded
+    from posttrain.train.forward import final_hidden_states
+
+    ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"][-max_length:] for t in texts]
+    input_ids, mask, ends = right_padded(ids, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = final_hidden_states(model, input_ids.to(device), None, mask.to(device))
+    finally:
+        model.train(was_training)
+    last = hidden[torch.arange(len(ids)), ends]
+    head = model.get_output_embeddings()
+    logits = last @ head.weight[token_ids].T
+    if head.bias is not None:
+        logits = logits + head.bias[token_ids]
+    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).cpu()
 
 
 def round_robin(judge: PairwiseJudge, conversations: list, groups: list[list[str]]) -> tuple[list[list[float]], Verdicts]:
