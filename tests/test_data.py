@@ -123,6 +123,18 @@ def test_mixture_weights_repeat_and_subsample(tmp_path):
     assert sum(t.startswith("a") for t in texts) == 20 and sum(t.startswith("b") for t in texts) == 5
 
 
+def test_a_limit_over_a_mixture_keeps_its_proportions(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(10)])
+    sources = [DataSource(path=str(tmp_path / "a.jsonl"), weight=2.0), DataSource(path=str(tmp_path / "b.jsonl"))]
+    texts = [r["text"] for _, _, r in load_sources(sources, limit=9, label="data.train")]
+    assert texts == [f"a{i}" for i in range(6)] + ["b0", "b1", "b2"]  # 20 : 10 -> 6 : 3, each source's first records
+    printed = capsys.readouterr().out
+    assert "data.train mixture:" in printed and "-> 6 (66.7%)" in printed and "-> 3 (33.3%)" in printed
+    single = [r["text"] for _, _, r in load_sources(sources[1:], limit=4)]
+    assert single == ["b0", "b1", "b2", "b3"]
+
+
 def test_gsm8k_adapter_strips_calculator_marks_and_keeps_final_answer():
     record = gsm8k({"question": "Q?", "answer": "48/2 = <<48/2=24>>24 clips.\n#### 1,024"})
     assert record["completion"][0]["content"] == "48/2 = 24 clips.\n#### 1,024"

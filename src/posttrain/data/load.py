@@ -118,16 +118,18 @@ def _read_saved_dataset(file: Path, name: str) -> Iterator[Located]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
 
 
-def load_sources(sources, seed: int = 0, limit: int | None = None) -> list[tuple[str, str, dict]]:
+def load_sources(sources, seed: int = 0, limit: int | None = None, label: str | None = None) -> list[tuple[str, str, dict]]:
     """All records of a data mixture as ``(path, location, record)``, adapters applied.
 
-    A source's ``weight`` repeats it (2.0) or keeps a seeded random fraction of it (0.5).
+    A source's ``weight`` repeats it (2.0) or keeps a seeded random fraction of it (0.5). A ``limit`` over several
+    sources keeps their proportions (each source's first records, sized by largest remainder), instead of cutting
+    the later sources off. With several sources the realised mixture is printed (under ``label``).
     """
     import random
 
     from posttrain.data.adapters import adapt
 
-    out: list[tuple[str, str, dict]] = []
+    parts: list[list[tuple[str, str, dict]]] = []
     rng = random.Random(seed)
     for source in sources:
         records = [(source.path, where, adapt(source.adapter, record, source.path, where))
@@ -136,10 +138,28 @@ def load_sources(sources, seed: int = 0, limit: int | None = None) -> list[tuple
         mixed = records * int(whole)
         if fraction:
             mixed += rng.sample(records, round(fraction * len(records)))
-        out.extend(mixed)
-    if not out:
+        parts.append(mixed)
+    total = sum(len(p) for p in parts)
+    if not total:
         raise UserError(f"no records in {', '.join(s.path for s in sources)}")
-    return out[:limit] if limit else out
+    if limit and limit < total:
+        parts = [part[:k] for part, k in zip(parts, _proportional(limit, [len(p) for p in parts]))]
+    out = [record for part in parts for record in part]
+    if len(sources) > 1:
+        shares = "; ".join(f"{s.path} x{s.weight:g} -> {len(p)} ({len(p) / len(out):.1%})" for s, p in zip(sources, parts))
+        print(f"{label or 'data'} mixture: {shares}", flush=True)
+    return out
+
+
+def _proportional(limit: int, sizes: list[int]) -> list[int]:
+    """``limit`` split in proportion to ``sizes`` (largest remainder, ties to the earlier source)."""
+    total = sum(sizes)
+    exact = [limit * size / total for size in sizes]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: limit - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def split_records(recipe, which: str) -> list[tuple[str, str, dict]]:
@@ -148,4 +168,5 @@ def split_records(recipe, which: str) -> list[tuple[str, str, dict]]:
     sources = data.sources(which)
     if not sources:
         return []
-    return load_sources(sources, seed=recipe.train.seed, limit=data.limit if which == "train" else data.eval_limit)
+    return load_sources(sources, seed=recipe.train.seed, limit=data.limit if which == "train" else data.eval_limit,
+                        label=f"data.{which}")
