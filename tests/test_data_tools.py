@@ -10,6 +10,11 @@ import pytest
 from conftest import GSM8K, write_jsonl
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+
+
 def test_inspect_counts_truncation_as_training_would(tiny_model_dir, tiny_tokenizer, tmp_path):
     from helpers import reset_accelerate
 
@@ -239,3 +244,49 @@ def test_grape_keeps_the_response_the_model_finds_most_likely(tiny_model_dir, tm
         assert kept == {"prompt": record["prompt"], "id": record["id"],
                         "completion": record["responses"][int(np.argmin(nll))]}
     assert summary["kept"] == 2 and len(read(tmp_path / "scores.jsonl")) == 2
+
+
+# -- synth --------------------------------------------------------------------------------------------------------
+def test_magpie_asks_with_the_template_up_to_the_user_turn(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from posttrain.data import synth
+    from posttrain.rollout import backend
+    from posttrain.rollout.backend import Completion, SamplingSettings
+
+    prefix = synth.pre_query_template(tiny_tokenizer)
+    assert prefix == "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n"
+    asked = []
+    scripted = iter([
+        [Completion([1], [0.0], False, "What is 2+2?"), Completion([1], [0.0], True, "Half an instr"),
+         Completion([1], [0.0], False, "  "), Completion([1], [0.0], False, "what is 2+2?")],
+        [Completion([1], [0.0], False, "4")],
+    ])
+    monkeypatch.setattr(backend.TransformersBackend, "generate",
+                        lambda self, prompts, seeds, settings: asked.append((prompts, settings)) or next(scripted))
+    records, dropped = synth.magpie(None, tiny_tokenizer, 4, SamplingSettings(16, 1.0), SamplingSettings(16, 0.0))
+    assert asked[0][0] == [tiny_tokenizer(prefix, add_special_tokens=False)["input_ids"]] * 4
+    assert asked[0][1].temperature == 1.0 and asked[1][1].temperature == 0.0
+    assert records == [{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}]
+    assert dropped == {"instruction cut at the token limit": 1, "empty instruction": 1, "duplicate instruction": 1}
+
+
+def test_pairs_and_rejection_sampling_from_scored_samples(tiny_model_dir, tmp_path, capsys):
+    from posttrain.cli import main
+    from posttrain.data.synth import accepted, best_vs_worst
+
+    prompts, records = ["p1", "p2"], [{"answer": "4"}, {"answer": "7"}]
+    texts = [["a", "b", "c", "b"], ["x", "y"]]
+    rewards = [[0.0, 1.0, 0.5, 1.0], [0.3, 0.3]]
+    pairs, dropped = best_vs_worst(prompts, records, texts, rewards)
+    assert pairs == [{"prompt": "p1", "chosen": "b", "rejected": "a", "chosen_reward": 1.0, "rejected_reward": 0.0,
+                      "answer": "4"}]
+    assert dropped == {"all samples scored the same": 1}
+    kept, dropped = accepted(prompts, records, texts, rewards, threshold=0.5, keep=3)
+    assert [(r["prompt"], r["completion"]) for r in kept] == [("p1", "b"), ("p1", "c")]  # distinct, at the threshold
+    assert dropped == {"no sample reached the threshold": 1}
+    assert main(["data", "synth", "magpie", str(tiny_model_dir), "--data", "x.jsonl", "--out", str(tmp_path / "o")]) == 2
+    assert "--data not read here" in capsys.readouterr().err
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "synth", "pairs", str(tiny_model_dir), "--data", str(GSM8K.parent / "gsm8k_test_200.jsonl"),
+                 "--limit", "2", "--reward", "length", "--max-new-tokens", "6", "--out", str(out)]) == 0
+    for pair in read(out):
+        assert pair["chosen_reward"] > pair["rejected_reward"] and len(pair["chosen"]) > len(pair["rejected"])

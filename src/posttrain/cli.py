@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--interval", type=float, default=10.0, help="--watch: seconds between checks")
     report.set_defaults(handler=cmd_report)
 
-    data = commands.add_parser("data", help="data tools: inspect a data file, convert between formats, select records")
+    data = commands.add_parser("data", help="data tools: inspect, convert, select and synthesize training data")
     tools = data.add_subparsers(dest="tool", required=True, metavar="TOOL")
     inspect = tools.add_parser("inspect", help="counts, token lengths per field (the model's tokenizer and chat "
                                "template), truncation at --max-length, duplicates and every format error")
@@ -188,6 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--seed", type=int, default=0)
     pick.add_argument("--limit", type=int, default=None, help="read the first N records")
     pick.set_defaults(handler=cmd_data_select)
+    synth = tools.add_parser("synth", help="make training data with a model: magpie instructions, on-policy pairs, "
+                             "rejection-sampled SFT", description=__import__("posttrain.data.synth", fromlist=["x"]).__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    synth.add_argument("mode", choices=("magpie", "pairs", "rejection"))
+    synth.add_argument("model", help="'default', a HF directory, a run directory or a .gguf file")
+    synth.add_argument("--out", required=True, help="the records (JSON lines)")
+    synth.add_argument("--count", type=int, default=None, help="magpie: instructions to sample (default 100)")
+    synth.add_argument("--system", default=None, help="magpie: a system prompt in the template")
+    synth.add_argument("--data", default=None, help="pairs / rejection: the prompts ({prompt, ...}, GSM8K layout too)")
+    synth.add_argument("--reward", default=None, help="pairs / rejection: a reward function (math_answer, ...), "
+                       "module:function, or a reward model / PRM directory")
+    synth.add_argument("--samples", type=int, default=4, help="pairs / rejection: completions per prompt")
+    synth.add_argument("--threshold", type=float, default=None, help="rejection: the reward to reach (default 1.0)")
+    synth.add_argument("--keep", type=int, default=None, help="rejection: distinct accepted completions per prompt (default 1)")
+    synth.add_argument("--limit", type=int, default=None, help="pairs / rejection: the first N prompts")
+    synth.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    synth.add_argument("--top-p", type=float, default=1.0)
+    synth.add_argument("--response-temperature", type=float, default=0.0, help="magpie: responses (0: greedy)")
+    synth.add_argument("--max-new-tokens", type=int, default=256)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--batch-size", type=int, default=16)
+    synth.set_defaults(handler=cmd_data_synth)
 
     recipes = commands.add_parser("recipes", help="list the shipped example recipes")
     recipes.set_defaults(handler=cmd_recipes)
@@ -459,6 +481,39 @@ def cmd_data_select(args) -> int:
                           report=args.report, similarity=args.similarity, max_length=args.max_length)
     print("; ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items()))
     print(f"wrote {summary['kept']} records to {args.out}" + (f", scores to {args.report}" if args.report else ""))
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from posttrain.data import synth
+    from posttrain.rollout.backend import SamplingSettings
+
+    reads = {"magpie": {"count", "system", "response_temperature"}, "pairs": {"data", "reward", "limit"},
+             "rejection": {"data", "reward", "limit", "threshold", "keep"}}
+    defaults = {"count": None, "system": None, "response_temperature": 0.0, "data": None, "reward": None,
+                "limit": None, "threshold": None, "keep": None}
+    unread = [k for k, v in defaults.items() if getattr(args, k) != v and k not in reads[args.mode]]
+    if unread:
+        raise UserError(f"data synth {args.mode}: {', '.join('--' + k.replace('_', '-') for k in unread)} not read here")
+    sampling = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p)
+    if args.mode == "magpie":
+        from posttrain.evaluate.model import EvalModel
+
+        model = EvalModel(args.model)
+        records, dropped = synth.magpie(model.model, model.tokenizer, args.count or 100, sampling,
+                                        SamplingSettings(args.max_new_tokens, args.response_temperature, args.top_p),
+                                        args.seed, args.system, args.batch_size)
+    else:
+        if not args.data or not args.reward:
+            raise UserError(f"data synth {args.mode}: give --data PROMPTS and --reward")
+        scored = synth.scored_samples(args.model, args.data, args.reward, args.samples, sampling, args.limit,
+                                      args.seed, args.batch_size)
+        records, dropped = (synth.best_vs_worst(*scored) if args.mode == "pairs" else
+                            synth.accepted(*scored, 1.0 if args.threshold is None else args.threshold, args.keep or 1))
+    synth.write(records, args.out)
+    print(f"wrote {len(records)} records to {args.out}")
+    for why, n in dropped.items():
+        print(f"  dropped {n}: {why}")
     return 0
 
 
