@@ -204,6 +204,11 @@ def test_cli_select_keeps_the_budget_as_read_and_reports_every_record(tiny_model
     assert {f["where"] for f in ranked} == {f["where"] for f in fates if f["fate"].startswith("kept")}
     assert main([*args, "--method", "length", "--target", str(GSM8K)]) == 2
     assert "--target is read by --method zip_fit only" in capsys.readouterr().err
+    assert main([*args, "--method", "length"]) == 0
+    fates = read(report)
+    longest = sorted(fates, key=lambda f: -f["reply_tokens"])[:7]
+    assert {f["where"] for f in longest} == {f["where"] for f in fates if f["fate"].startswith("kept")}
+    assert all(f["reply_tokens"] < f["tokens"] for f in fates)  # the reply, not the whole templated example
 
 
 def test_deita_scores_are_expectations_over_1_to_6_and_the_filter_skips_near_copies(tiny_model_dir, tiny_tokenizer):

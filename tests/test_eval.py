@@ -329,3 +329,15 @@ def test_user_tasks_by_module_function_and_bad_input_errors(tiny_model_dir, tmp_
     assert "needs --data" in capsys.readouterr().err
     assert main(["eval", str(tiny_model_dir), "win_rate", "--data", str(data), "--judge", "length"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_options_no_task_reads_are_refused(tiny_model_dir, tmp_path, capsys):
+    from posttrain.cli import main
+    from posttrain.config import load_recipe
+    from posttrain.errors import UserError
+
+    assert main(["eval", str(tiny_model_dir), "perplexity", "--data", str(GSM8K_TEST), "--k", "4"]) == 2
+    assert "--k not read by perplexity" in capsys.readouterr().err
+    base = [f"model={tiny_model_dir}", f"output_dir={tmp_path}", f"data.train={GSM8K}"]
+    with pytest.raises(UserError, match="max_new_tokens not read by task perplexity"):
+        load_recipe("sft", None, [*base, f"evals=[{{task: perplexity, data: {GSM8K_TEST}, max_new_tokens: 8}}]"])

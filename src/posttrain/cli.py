@@ -488,10 +488,10 @@ def cmd_data_synth(args) -> int:
     from posttrain.data import synth
     from posttrain.rollout.backend import SamplingSettings
 
-    reads = {"magpie": {"count", "system", "response_temperature"}, "pairs": {"data", "reward", "limit"},
-             "rejection": {"data", "reward", "limit", "threshold", "keep"}}
+    reads = {"magpie": {"count", "system", "response_temperature"}, "pairs": {"data", "reward", "limit", "samples"},
+             "rejection": {"data", "reward", "limit", "samples", "threshold", "keep"}}
     defaults = {"count": None, "system": None, "response_temperature": 0.0, "data": None, "reward": None,
-                "limit": None, "threshold": None, "keep": None}
+                "limit": None, "threshold": None, "keep": None, "samples": 4}
     unread = [k for k, v in defaults.items() if getattr(args, k) != v and k not in reads[args.mode]]
     if unread:
         raise UserError(f"data synth {args.mode}: {', '.join('--' + k.replace('_', '-') for k in unread)} not read here")

@@ -157,6 +157,9 @@ class EvalSpec(EvalOptions):
             raise ValueError(f"evals: task {self.task} needs data")
         if task.needs_baseline and not self.baseline:
             raise ValueError(f"evals: task {self.task} compares with a baseline: set baseline")
+        unread = EVAL_TASKS.unread_options(self, [self.task])
+        if unread:
+            raise ValueError(f"evals: {', '.join(unread)} not read by task {self.task}")
         return self
 
 

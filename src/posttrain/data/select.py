@@ -46,7 +46,15 @@ class Candidate:
     prompt: str  # the instruction as text (turns joined)
     completion: str  # the trained reply as text
     tokens: int = 0  # total tokens with the chat template
+    reply_tokens: int = 0  # the trained (reply) tokens among them
     score: float | None = None  # a score made while reading (grape: the kept response's mean log-prob)
+
+
+def token_counts(tokenized) -> dict[str, int]:
+    """A Candidate's ``tokens`` and ``reply_tokens`` from a TokenizedExample (None: nothing to train on)."""
+    if tokenized is None:
+        return {"tokens": 0, "reply_tokens": 0}
+    return {"tokens": len(tokenized.input_ids), "reply_tokens": int((tokenized.weights > 0).sum())}
 
 
 def _text(value) -> str:
@@ -75,8 +83,7 @@ def load_candidates(path: str, limit: int | None, tokenizer) -> list[Candidate]:
             prompt, completion = _text(record["messages"][:last]), _text(record["messages"][last:])
         else:
             prompt, completion = _text(record.get("prompt", "")), _text(record.get("completion", record.get("text")))
-        tokens = tokenize(example)
-        out.append(Candidate(where, raw, prompt, completion, len(tokens.input_ids) if tokens is not None else 0))
+        out.append(Candidate(where, raw, prompt, completion, **token_counts(tokenize(example))))
     if not out:
         raise UserError(f"{path}: no records")
     return out
@@ -233,9 +240,8 @@ def grape_candidates(path: str, limit: int | None, model, tokenizer, max_length:
         best = int(np.argmin(nll[start:start + count]))
         kept = {k: v for k, v in record.items() if k not in ("responses", "scores")}
         kept["completion"] = record["responses"][best]
-        tokens = tokenize(parse_sft(path, where, kept))
         out.append(Candidate(where, kept, _text(record["prompt"]), _text(kept["completion"]),
-                             len(tokens.input_ids) if tokens is not None else 0, -float(nll[start + best])))
+                             score=-float(nll[start + best]), **token_counts(tokenize(parse_sft(path, where, kept)))))
     return out
 
 
@@ -263,8 +269,8 @@ def select(candidates: list[Candidate], budget: int, method: str, *, model=None,
         notes["skipped_as_similar"] = order.index(picked[-1]) + 1 - len(picked) if picked else 0
         return picked, scores, notes
     if method == "length":
-        scores = {"tokens": np.array([c.tokens for c in candidates], dtype=np.float64)}
-        key = scores["tokens"]
+        scores = {"reply_tokens": np.array([c.reply_tokens for c in candidates], dtype=np.float64)}
+        key = scores["reply_tokens"]
     elif method == "loss":
         scores = {"loss": completion_nll(model, tokenizer, [c.record for c in candidates], max_length)}
         key = scores["loss"] if prefer == "high" else -scores["loss"]
@@ -310,6 +316,11 @@ def select_file(path: str, budget: int, method: str, out: str, *, model_spec: st
         raise UserError(f"data select: --prefer is read by --method loss only, not {method}")
     if similarity != 0.9 and method != "deita":
         raise UserError(f"data select: --similarity is read by --method deita only, not {method}")
+    if max_length != 1024 and method not in ("loss", "ifd", "grape"):
+        raise UserError(f"data select: --max-length is read by the methods that score with the model (loss, ifd, "
+                        f"grape), not {method}")
+    if near_threshold != 0.8 and dedup != "minhash":
+        raise UserError("data select: --near-threshold is read by --dedup minhash only")
     scorer = EvalModel(model_spec)
     if method == "grape":
         candidates = grape_candidates(path, limit, scorer.model, scorer.tokenizer, max_length)

@@ -36,23 +36,30 @@ def verdict(difference: stats.Estimate, better: int) -> str:
     return "better" if up == (better > 0) else "worse"
 
 
-def compare(result: TaskResult, base: TaskResult) -> dict[str, stats.Estimate]:
-    """Paired differences (model - baseline) of the metrics both measured example by example."""
-    out = {}
+def compare(result: TaskResult, base: TaskResult) -> tuple[dict[str, stats.Estimate], dict[str, str]]:
+    """(paired differences model - baseline of the metrics both measured example by example, why the others were
+    not paired)."""
+    out, unpaired = {}, {}
     for name, (values, denominators) in result.per_example.items():
         if name not in base.per_example:
             continue
         base_values, base_denominators = base.per_example[name]
-        if len(values) != len(base_values) or (denominators is not None and not
-                                               (base_denominators is not None and (denominators == base_denominators).all())):
-            continue  # different examples (or tokenizations): not a paired comparison
-        out[name] = stats.paired_difference(values, base_values, denominators)
-    return out
+        if len(values) != len(base_values):
+            unpaired[name] = f"different numbers of examples ({len(values)} vs {len(base_values)})"
+        elif denominators is not None and not (base_denominators is not None and (denominators == base_denominators).all()):
+            unpaired[name] = "the two models tokenize the examples differently: per-token values do not pair"
+        else:
+            out[name] = stats.paired_difference(values, base_values, denominators)
+    return out, unpaired
 
 
 def run_eval(model: EvalModel, tasks: list[str], data: dict[str, str | None], options: EvalOptions,
              baseline: EvalModel | None = None, say=print) -> dict:
     """Every task on ``model`` (and ``baseline``), as a JSON-ready dict."""
+    unread = EVAL_TASKS.unread_options(options, tasks)
+    if unread:
+        raise UserError(f"eval: {', '.join('--' + n.replace('_', '-') for n in unread)} not read by "
+                        f"{', '.join(tasks)}")
     ctx = EvalContext(options, baseline)
     out: dict = {"model": model.name, "baseline": baseline.name if baseline else None,
                  "options": options.model_dump(), "tasks": {}}
@@ -69,8 +76,11 @@ def run_eval(model: EvalModel, tasks: list[str], data: dict[str, str | None], op
             say(f"eval: {name} on the baseline {baseline.name}")
             base = task.fn(baseline, data.get(name), ctx)
             entry["baseline"] = {k: v.as_dict() for k, v in base.metrics.items()}
+            differences, unpaired = compare(result, base)
             entry["difference"] = {k: {**v.as_dict(), "verdict": verdict(v, result.better.get(k, 0))}
-                                   for k, v in compare(result, base).items()}
+                                   for k, v in differences.items()}
+            if unpaired:
+                entry["not_paired"] = unpaired
             entry["baseline_examples"] = base.examples
         entry["seconds"] = round(time.perf_counter() - started, 1)
         out["tasks"][name] = entry
@@ -119,6 +129,8 @@ def format_results(results: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"{task} {metric}: not paired: {why}" for task, entry in results["tasks"].items()
+              for metric, why in entry.get("not_paired", {}).items()]
     lines.append("(95% intervals: Wilson for proportions, bootstrap otherwise; differences by the paired bootstrap)")
     return "\n".join(lines)
 

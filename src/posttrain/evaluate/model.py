@@ -136,6 +136,7 @@ class EvalModel:
         from posttrain.rollout.generate import render_prompt
 
         rendered = [render_prompt(self.tokenizer, p) for p in prompts]
+        seed = seed if settings.temperature > 0 else 0  # greedy replies do not depend on it: one cache entry
         keys = [[sample_key(text, settings, seed, s) for s in range(samples)] for text in rendered]
         known = self.cache.entries if self.cache is not None else {}
         todo = sorted({(i, s) for i, row in enumerate(keys) for s, key in enumerate(row) if key not in known})

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from posttrain.config import EvalOptions
 from posttrain.errors import UserError
 from posttrain.evaluate import stats
@@ -48,6 +49,9 @@ class EvalContext:
         return SamplingSettings(o.max_new_tokens, o.temperature if sampled else 0.0, o.top_p if sampled else 1.0)
 
 
+GENERATION = frozenset({"limit", "max_new_tokens", "samples", "temperature", "top_p", "seed", "batch_size"})
+
+
 @dataclass
 class EvalTask:
     name: str
@@ -55,13 +59,14 @@ class EvalTask:
     needs_baseline: bool = False
     needs_data: bool = True
     about: str = ""
+    reads: frozenset | None = None  # the EvalOptions it reads (None: unknown, a user's module:function)
 
 
 class TaskRegistry(dict):
-    def register(self, name: str, needs_baseline: bool = False, needs_data: bool = True):
+    def register(self, name: str, reads: set[str], needs_baseline: bool = False, needs_data: bool = True):
         def wrap(fn):
             about = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
-            self[name] = EvalTask(name, fn, needs_baseline, needs_data, about)
+            self[name] = EvalTask(name, fn, needs_baseline, needs_data, about, frozenset(reads))
             return fn
 
         return wrap
@@ -78,6 +83,17 @@ class TaskRegistry(dict):
             except (ImportError, AttributeError) as exc:
                 raise UserError(f"eval task {name}: {exc}") from None
         raise UserError(f"unknown eval task {name!r} (known: {', '.join(sorted(self))}, or module:function)")
+
+    def unread_options(self, options: EvalOptions, tasks: list[str]) -> list[str]:
+        """Options changed from their defaults that none of ``tasks`` reads (a setting silently ignored looks like
+        one that had no effect)."""
+        specs = [self.resolve(t) for t in tasks]
+        if any(s.reads is None for s in specs):
+            return []
+        read = set().union(*(s.reads for s in specs))
+        fields = type(options).model_fields
+        return [n for n in EvalOptions.model_fields
+                if n not in read and getattr(options, n) != fields[n].get_default(call_default_factory=True)]
 
 
 EVAL_TASKS = TaskRegistry()
@@ -96,8 +112,8 @@ def load_prompts(path: str, limit: int | None) -> tuple[list, list[dict]]:
         record = adapt("auto", record, path, where)
         if "prompt" in record:
             prompts.append(record["prompt"])
-        elif isinstance(record.get("messages"), list) and any(m.get("role") == "user" for m in record["messages"]):
-            last_user = max(i for i, m in enumerate(record["messages"]) if m.get("role") == "user")
+        elif isinstance(record.get("messages"), list) and any(_is_user(m) for m in record["messages"]):
+            last_user = max(i for i, m in enumerate(record["messages"]) if _is_user(m))
             prompts.append(record["messages"][: last_user + 1])
         else:
             raise DataError(path, where, "prompt", "missing (generation tasks need a prompt, or messages with a user turn)")
@@ -105,6 +121,10 @@ def load_prompts(path: str, limit: int | None) -> tuple[list, list[dict]]:
     if not prompts:
         raise UserError(f"{path}: no records")
     return prompts, records
+
+
+def _is_user(message) -> bool:
+    return isinstance(message, dict) and message.get("role") == "user"
 
 
 def prompt_text(prompt) -> str:
@@ -117,7 +137,7 @@ def showcase(prompts: list, generations: list[list[Generation]], extra=None, cou
 
 
 # -- likelihood tasks ------------------------------------------------------------------------------------------
-@EVAL_TASKS.register("perplexity")
+@EVAL_TASKS.register("perplexity", reads={"limit", "max_length"})
 def perplexity(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """token-mean NLL (loss) and perplexity of the gold completions of text or conversational records"""
     from posttrain.evaluate.heldout import record_losses
@@ -129,7 +149,7 @@ def perplexity(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
                       info={"tokens": int(tokens.sum())})
 
 
-@EVAL_TASKS.register("forgetting", needs_baseline=True)
+@EVAL_TASKS.register("forgetting", reads={"limit", "max_length"}, needs_baseline=True)
 def forgetting(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """loss change on general-domain data between the base (--baseline) and the tuned model (> 0: forgot)"""
     tuned, base = perplexity(model, data, ctx), perplexity(ctx.baseline, data, ctx)
@@ -142,7 +162,7 @@ def forgetting(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
                       better={"loss_increase": -1, "loss": -1, "base_loss": -1}, info=tuned.info)
 
 
-@EVAL_TASKS.register("preference_accuracy")
+@EVAL_TASKS.register("preference_accuracy", reads={"limit", "max_length", "reference"})
 def preference_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """share of pairs whose chosen reply the model prefers: implicit reward vs --reference, or log-prob margin"""
     from posttrain.evaluate.heldout import pair_logprobs, preference_margins
@@ -169,7 +189,7 @@ def ends_with_answer(text: str) -> bool:
     return bool(_FINAL_ANSWER.search(text.strip()))
 
 
-@EVAL_TASKS.register("answer_accuracy")
+@EVAL_TASKS.register("answer_accuracy", reads=GENERATION | {"k"})
 def answer_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """GSM8K-style: greedy accuracy, answer format, and with --k sampled pass@k and maj@k"""
     from posttrain.evaluate.accuracy import load_answer_records
@@ -213,7 +233,7 @@ def _vote_correct(texts: list[str], answer) -> float:
     return float(winner is not None and winner == gold)
 
 
-@EVAL_TASKS.register("length")
+@EVAL_TASKS.register("length", reads=GENERATION)
 def length(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """generated tokens per reply, and the share stopped by the token limit"""
     prompts, _ = load_prompts(data, ctx.options.limit)
@@ -239,7 +259,7 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-@EVAL_TASKS.register("diversity")
+@EVAL_TASKS.register("diversity", reads=GENERATION)
 def diversity(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """distinct-1/2 and mean pairwise embedding distance of generations (within each prompt's samples when
     --samples > 1, else across prompts)"""
@@ -325,7 +345,7 @@ def is_refusal(text: str) -> bool:
     return bool(REFUSAL.search(text[:200]))
 
 
-@EVAL_TASKS.register("refusal_rate")
+@EVAL_TASKS.register("refusal_rate", reads=GENERATION)
 def refusal_rate(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """share of replies that refuse, by their phrasing"""
     prompts, _ = load_prompts(data, ctx.options.limit)
@@ -335,7 +355,8 @@ def refusal_rate(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
                       {"refusal_rate": 0}, showcase(prompts, gens, lambda i: {"refused": bool(refused[i])}))
 
 
-@EVAL_TASKS.register("win_rate", needs_baseline=True)
+@EVAL_TASKS.register("win_rate", reads={"limit", "max_new_tokens", "batch_size", "judge", "llm_judge"},
+                    needs_baseline=True)
 def win_rate(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """the model's replies against the baseline's, judged by a reward model / function (--judge) or an LLM judge
     asked in both orders (--llm-judge); ties count half"""
@@ -374,7 +395,7 @@ def win_rate(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
 
 
 # -- lm-evaluation-harness -------------------------------------------------------------------------------------
-@EVAL_TASKS.register("lm_eval", needs_data=False)
+@EVAL_TASKS.register("lm_eval", reads={"limit", "max_length", "batch_size", "seed", "lm_eval_tasks"}, needs_data=False)
 def lm_eval(model: EvalModel, data: str | None, ctx: EvalContext) -> TaskResult:
     """EleutherAI lm-evaluation-harness tasks by name (--lm-eval-tasks; --data: a folder of extra task YAMLs)"""
     try:
