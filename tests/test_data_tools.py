@@ -295,3 +295,24 @@ def test_pairs_and_rejection_sampling_from_scored_samples(tiny_model_dir, tmp_pa
                  "--limit", "2", "--reward", "length", "--max-new-tokens", "6", "--out", str(out)]) == 0
     for pair in read(out):
         assert pair["chosen_reward"] > pair["rejected_reward"] and len(pair["chosen"]) > len(pair["rejected"])
+
+
+def test_training_logs_the_realised_mixture_of_each_step(tiny_model_dir, tmp_path):
+    import torch
+    from helpers import metrics, run_sft
+
+    write_jsonl(tmp_path / "math.jsonl", [{"prompt": f"{i}+1?", "completion": f"{i + 1}"} for i in range(10)])
+    write_jsonl(tmp_path / "chat.jsonl", [{"prompt": f"hi {i}", "completion": "hello"} for i in range(10)])
+    train = f"[{{path: {tmp_path / 'math.jsonl'}, weight: 3}}, {{path: {tmp_path / 'chat.jsonl'}}}]"
+    run_sft(tiny_model_dir, tmp_path / "run", **{"data.train": train, "data.limit": "null", "train.max_steps": 6})
+    logged = metrics(tmp_path / "run")
+    # examples 0-29 are math (weight 3 repeats it), 30-39 chat; a step draws 8 of a seeded permutation per epoch
+    order = torch.cat([torch.randperm(40, generator=torch.Generator().manual_seed(epoch)) for epoch in range(2)])
+    for step, line in enumerate(logged):
+        drawn = order[step * 8:(step + 1) * 8]
+        assert line["data/share/math"] == pytest.approx(float((drawn < 30).float().mean()))
+        assert line["data/share/math"] + line["data/share/chat"] == pytest.approx(1.0)
+    assert np.mean([line["data/share/math"] for line in logged[:5]]) == pytest.approx(0.75)  # one epoch: 30 / 40
+    single = tmp_path / "single"
+    run_sft(tiny_model_dir, single, **{"data.train": str(tmp_path / "math.jsonl"), "train.max_steps": 1})
+    assert not any(key.startswith("data/share") for key in metrics(single)[0])

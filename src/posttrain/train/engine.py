@@ -175,7 +175,7 @@ class Engine:
             if not self.task.empty_steps_allowed:
                 raise TrainingError(f"step {step + 1}: the batch has nothing to train on")
             self.say(f"step {step + 1}: nothing to train on (every completion filtered out); update skipped")
-            return 0.0, 0.0, 0, {**self.task.step_metrics(), "time/batches_s": batches_s}
+            return 0.0, 0.0, 0, {**self.task.step_metrics(), **self.task.data_mixture(), "time/batches_s": batches_s}
         loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         metric_totals: dict[str, float] = {}
         for i, batch in enumerate(batches):
@@ -202,7 +202,7 @@ class Engine:
                 )
         optimizer.zero_grad(set_to_none=True)
         timing = {"time/batches_s": batches_s, "time/update_s": time.perf_counter() - started - batches_s}
-        return step_loss, grad_norm, tokens, {**_ratios(self.reduce_dict(metric_totals)), **self.task.step_metrics(), **timing}
+        return step_loss, grad_norm, tokens, {**_ratios(self.reduce_dict(metric_totals)), **self.task.step_metrics(), **self.task.data_mixture(), **timing}
 
     def finish(self, module, elapsed: float, state: dict, start_step: int, history: dict) -> dict:
         if self.acc.is_main_process:

@@ -63,6 +63,10 @@ class Task(Protocol):
     def step_metrics(self) -> dict[str, float]:
         """Metrics of the whole step that the task computed globally (e.g. rewards), logged as they are."""
 
+    def data_mixture(self) -> dict[str, float]:
+        """``data/share/NAME``: the fraction of the examples drawn since the last call that came from each training
+        file, when the training data mixes several; empty otherwise."""
+
     def close(self) -> None:
         """After training, also after a failure: release what ``setup`` started (worker processes, ...)."""
 
@@ -82,6 +86,8 @@ class OfflineTask:
     name = "offline"
     recipe = None
     accelerator = None
+    example_sources: dict[int, str] | None = None  # training example index -> its file, where tasks track it
+    drawn: list[int] | None = None  # training example indices drawn since the mixture was last logged
     empty_steps_allowed = False
     progress: dict[str, str] = {}
     step_size_formula = "train.batch_size x train.grad_accum x processes"
@@ -111,6 +117,23 @@ class OfflineTask:
         self.accelerator = accelerator
 
     # -- the data of one step ---------------------------------------------------------------------
+    def track_source(self, which: str, index: int, path: str) -> None:
+        """Note the training file example ``index`` of split ``which`` came from (for the logged mixture)."""
+        if which == "train":
+            self.example_sources = self.example_sources or {}
+            self.example_sources[index] = path
+
+    def data_mixture(self) -> dict[str, float]:
+        sources, drawn = self.example_sources or {}, self.drawn or []
+        self.drawn = []
+        names = source_names(set(sources.values()))
+        if len(names) < 2 or not drawn:
+            return {}
+        counts = dict.fromkeys(names.values(), 0)
+        for i in drawn:
+            counts[names[sources[i]]] += 1
+        return {f"data/share/{name}": count / len(drawn) for name, count in counts.items()}
+
     def step_indices(self, step: int, num_examples: int) -> list[int]:
         """All processes' example indices of one optimizer step: a seeded permutation per epoch, read in order,
         so a resumed run sees exactly the data the uninterrupted run would."""
@@ -122,6 +145,7 @@ class OfflineTask:
             epoch, offset = divmod(start + len(out), num_examples)
             order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
             out.extend(order[offset : offset + per_step - len(out)].tolist())
+        self.drawn = (self.drawn or []) + out
         return out
 
     def examples_per_step(self) -> int:
@@ -191,3 +215,12 @@ def sum_over_processes(sums: dict[str, float], accelerator) -> dict[str, float]:
         for key, value in part.items():
             total[key] = total.get(key, 0.0) + value
     return total
+
+
+def source_names(paths: set[str]) -> dict[str, str]:
+    """Short metric names for training files: the file name without its suffix, the whole path where two agree."""
+    from pathlib import Path
+
+    stems = {path: Path(path).stem for path in paths}
+    clashing = {stem for stem in stems.values() if list(stems.values()).count(stem) > 1}
+    return {path: path if stem in clashing else stem for path, stem in stems.items()}

@@ -120,6 +120,7 @@ class PreferenceTask(OfflineTask):
                 dropped += 1
                 continue
             truncated += any(s.truncated for s in sides)
+            self.track_source(which, len(pairs), path)
             pairs.append(PairExample(sides[0], sides[1], len(pairs), which, sides[2] if self.needs_gold else None))
         if not pairs:
             raise UserError(f"data.{which}: every pair was dropped (too long for data.max_length={data.max_length})")

@@ -96,6 +96,7 @@ class ProcessRewardTask(ClassifierTask):
                 continue
             weights = np.zeros(len(ids), np.float32)
             weights[positions] = 1.0  # collate's target t + 1 is the separator: the head reads it
+            self.track_source(which, len(out), path)
             out.append(LabeledSteps(TokenizedExample(np.asarray(ids, np.int64), weights, index=len(out)),
                                     np.asarray(labels, np.int64)))
         if not out:

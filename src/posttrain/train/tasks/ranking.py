@@ -81,6 +81,7 @@ class RankingTask(OfflineTask):
             if None in responses:
                 dropped += 1
                 continue
+            self.track_source(which, len(items), path)
             items.append(RankedItem(responses, ranked.scores, len(items), which))
         if not items:
             raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={data.max_length})")

@@ -160,6 +160,7 @@ class RewardModelTask(ClassifierTask):
                 continue
             truncated += any(s.truncated for s in sequences)
             ratings = np.array([[r.get(name, np.nan) for name in self.objectives] or [np.nan] for r in rated.ratings])
+            self.track_source(which, len(out), path)
             out.append(RewardExample([last_token_only(s) for s in sequences], ratings, rated.margin, len(out)))
         if not out:
             raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={self.recipe.data.max_length})")

@@ -65,6 +65,7 @@ class SamplingTask(OfflineTask):
             cut = len(ids) > limit
             truncated += cut
             columns = {k: v for k, v in record.items() if k != "prompt"}
+            self.track_source(which, len(examples), path)
             examples.append(PromptExample(len(examples), ids[-limit:], shown, columns, cut, conversation))
         if records and not quiet:
             print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)

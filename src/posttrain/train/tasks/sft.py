@@ -61,6 +61,7 @@ class SFTTask(OfflineTask):
                 continue
             truncated += tokenized.truncated
             tokenized.index = len(examples)
+            self.track_source(which, tokenized.index, path)
             examples.append(tokenized)
             sources.append((parsed, record.get("answer")))
         if not examples:

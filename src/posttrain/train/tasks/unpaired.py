@@ -91,6 +91,7 @@ class UnpairedTask(OfflineTask):
                 if tokenized is None:
                     dropped += 1
                     continue
+                self.track_source(which, len(out), path)
                 out.append(LabelledExample(tokenized, label, len(out), which))
         if not out:
             raise UserError(f"data.{which}: every example was dropped (too long for data.max_length={data.max_length})")
