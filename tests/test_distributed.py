@@ -41,7 +41,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_model_dir
         assert a["tokens"] == b["tokens"]
     assert_weights_close(final_weights(single), final_weights(double), atol=1e-5)
     assert sorted(p.name for p in (double / "checkpoints" / "step-3").iterdir()) == [
-        "optimizer.pt", "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors",
+        "manifest.json", "optimizer.pt", "rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors",
         "scheduler.pt", "state.json", "trainable.safetensors"]
 
 

@@ -1,7 +1,7 @@
 """``posttrain <command> RECIPE.yaml [key=value ...]`` and the model-trying commands.
 
 User errors (recipe, data, environment) print one clear message and exit with code 2, no
-traceback.
+traceback; a training run stopped by SIGTERM / SIGINT checkpoints and exits with code 75.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from posttrain.errors import UserError
+from posttrain.errors import Stopped, UserError
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"posttrain: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; run the same command again to resume", file=sys.stderr)
         return 130

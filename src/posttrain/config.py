@@ -19,10 +19,17 @@ from posttrain.errors import UserError
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def changed(self, names=None) -> set[str]:
+        """The settings (of ``names``, default all) that differ from their defaults: what a recipe asked for. Not
+        ``model_fields_set``, which holds every field of a run's full recipe.yaml loaded back as a recipe."""
+        fields = type(self).model_fields
+        return {n for n in (fields if names is None else names)
+                if getattr(self, n) != fields[n].get_default(call_default_factory=True)}
+
     def unused(self, names: tuple[str, ...], why: str) -> None:
         """Refuse settings that differ from their defaults where nothing reads them (a setting silently ignored
         looks like one that had no effect). Defaults pass, so a run's full recipe.yaml stays a valid recipe."""
-        changed = [n for n in names if getattr(self, n) != type(self).model_fields[n].get_default(call_default_factory=True)]
+        changed = [n for n in names if n in self.changed(names)]
         if changed:
             raise ValueError(f"{', '.join(changed)}: {why}")
 

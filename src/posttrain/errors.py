@@ -1,4 +1,5 @@
-"""Errors the user can fix. The CLI prints them without a traceback and exits with code 2."""
+"""Errors the user can fix. The CLI prints them without a traceback and exits with code 2; a run stopped by a
+signal exits with ``STOPPED_EXIT_CODE``."""
 
 from __future__ import annotations
 
@@ -15,3 +16,12 @@ class DataError(UserError):
         where = path if location is None else f"{path}, {location}"
         what = f" field {field!r}:" if field else ""
         super().__init__(f"{where}:{what} {message}")
+
+
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure; run the same command again to continue
+
+
+class Stopped(Exception):
+    """The run stopped early on SIGTERM / SIGINT, after writing a checkpoint to resume from."""
+
+    exit_code = STOPPED_EXIT_CODE

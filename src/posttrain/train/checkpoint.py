@@ -1,14 +1,17 @@
 """Checkpoints for exact resume, written atomically.
 
 A checkpoint is a directory ``checkpoints/step-N/`` holding the trainable parameters
-(safetensors), the optimizer and scheduler states, every process's RNG states and
-``state.json``. It is assembled under a temporary name and renamed into place only when
-complete, so a kill at any moment leaves the previous checkpoint intact. Frozen weights are
-not saved: they are reloaded from the model the recipe names.
+(safetensors), the optimizer and scheduler states, every process's RNG states, ``state.json``
+and, written last, ``manifest.json``: each file's size and sha256, hashed after the files were
+synced to disk. It is assembled under a temporary name and renamed into place only when
+complete, so a kill at any moment leaves the previous checkpoint intact; a checkpoint damaged
+later (a truncated file, a lost optimizer state, an edited JSON) fails its manifest on resume
+and is moved aside. Frozen weights are not saved: they are reloaded from the model the recipe names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _STEP = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -76,7 +80,77 @@ def write_main_state(staging: Path, model, optimizer, scheduler, state: dict, ta
     if tensors:
         save_file(tensors, staging / "task.safetensors")
     state = {**state, "task": {k: v for k, v in task_state.items() if k not in tensors}}
-    (staging / "state.json").write_text(json.dumps(state, indent=1))  # written last: marks completeness
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def needed_bytes(model, optimizer) -> int:
+    """What a checkpoint will take on disk: the trainable tensors plus the optimizer's (Adam: two per parameter)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                  if isinstance(v, torch.Tensor))
+    return params + max(moments, 2 * params) + 2**20
+
+
+def check_free_space(root: Path, needed: int) -> str | None:
+    """Why a checkpoint of ``needed`` bytes should not be written under ``root`` (None: it fits, with 10% spare)."""
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free >= needed * 1.1:
+        return None
+    return (f"not enough free disk for a checkpoint under {root}: it needs about {needed / 2**30:.2f} GiB and "
+            f"{free / 2**30:.2f} GiB are free; free some space (or lower train.save_total_limit) and run the same "
+            "command again to resume from the last checkpoint")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(staging: Path) -> None:
+    """Sync every file, then record its size and sha256; the manifest is written last and marks completeness."""
+    files = {}
+    for file in sorted(staging.iterdir()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+        files[file.name] = {"size": file.stat().st_size, "sha256": file_sha256(file)}
+    with open(staging / MANIFEST, "w") as handle:
+        handle.write(json.dumps({"files": files}, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def problem(directory: Path) -> str | None:
+    """What is wrong with a checkpoint, checked against its manifest (None: every file is as written)."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST} is not a valid manifest"
+    for name, expected in files.items():
+        file = directory / name
+        if not file.exists():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['size']}"
+        if file_sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def set_aside(directory: Path) -> Path:
+    """Move a damaged checkpoint out of the way (kept for inspection, never resumed from)."""
+    target = directory.with_name(f"corrupt-{directory.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory.with_name(f"corrupt-{directory.name}-{n}")
+    os.replace(directory, target)
+    return target
 
 
 def load_task_state(directory: Path, saved: dict) -> dict:
@@ -86,10 +160,9 @@ def load_task_state(directory: Path, saved: dict) -> dict:
 
 
 def publish(staging: Path, root: Path, step: int, keep: int | None) -> Path:
-    """Rename the finished checkpoint into place, then prune old ones."""
-    for file in staging.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    """Rename the finished (manifested) checkpoint into place, then prune old ones: the newest verified
+    checkpoint is the one just published, so pruning never removes the last good one."""
+    write_manifest(staging)
     final = root / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -108,10 +181,10 @@ def remove_stale(root: Path) -> None:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Published checkpoints, oldest first (``problem`` says whether one is still as written)."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / "state.json").exists()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 

@@ -20,8 +20,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from posttrain.config import Recipe, dump_recipe
-from posttrain.errors import UserError
+from posttrain.errors import Stopped, UserError
 from posttrain.train import checkpoint as ckpt
+from posttrain.train.signals import StopRequests
 from posttrain.train.task import sum_over_processes
 
 # Keys that may change between a run and its resumption without making it a different run.
@@ -98,36 +99,46 @@ class Engine:
         clock = time.perf_counter()
         window = {"tokens": 0, "start": clock}
         module.train()
-        for step in range(start_step, self.total_steps):
-            loss, grad_norm, tokens, metrics = self.train_step(step, module, optimizer, state)
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            self.task.after_step(self.model)
-            state["step"], state["tokens"] = step + 1, state["tokens"] + tokens
-            window["tokens"] += tokens
-            history["first_loss"] = loss if history["first_loss"] is None else history["first_loss"]
-            history["last_loss"] = loss
-            if state["step"] % self.cfg.log_every == 0 or state["step"] == self.total_steps:
-                now = time.perf_counter()
-                tokens_per_s = window["tokens"] / max(now - window["start"], 1e-9)
-                self.log("metrics.jsonl", {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                           "tokens_per_s": tokens_per_s, "elapsed_s": state["elapsed_s"] + now - clock,
-                                           "tokens": state["tokens"], "epoch": state["step"] / self.steps_per_epoch,
-                                           "memory_gb": peak_memory_gb(self.acc.device),
-                                           **metrics})
-                window = {"tokens": 0, "start": now}
-                shown = {label: f"{metrics[key]:.3g}" for label, key in self.task.progress.items() if key in metrics}
-                bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            bar.update(1)
-            every = lambda n: n and state["step"] % n == 0  # noqa: E731
-            if self.evaluating and every(self.cfg.eval_every) and state["step"] != self.total_steps:
-                history["eval"].append(self.evaluate(state["step"]))
-            if every(self.cfg.save_every):
-                self.save_checkpoint(optimizer, scheduler, {**state, "elapsed_s": state["elapsed_s"] + time.perf_counter() - clock})
+        with StopRequests() as stop:
+            for step in range(start_step, self.total_steps):
+                loss, grad_norm, tokens, metrics = self.train_step(step, module, optimizer, state)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                scheduler.step()
+                self.task.after_step(self.model)
+                state["step"], state["tokens"] = step + 1, state["tokens"] + tokens
+                window["tokens"] += tokens
+                history["first_loss"] = loss if history["first_loss"] is None else history["first_loss"]
+                history["last_loss"] = loss
+                if state["step"] % self.cfg.log_every == 0 or state["step"] == self.total_steps:
+                    now = time.perf_counter()
+                    tokens_per_s = window["tokens"] / max(now - window["start"], 1e-9)
+                    self.log("metrics.jsonl", {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                               "tokens_per_s": tokens_per_s, "elapsed_s": state["elapsed_s"] + now - clock,
+                                               "tokens": state["tokens"], "epoch": state["step"] / self.steps_per_epoch,
+                                               "memory_gb": peak_memory_gb(self.acc.device),
+                                               **metrics})
+                    window = {"tokens": 0, "start": now}
+                    shown = {label: f"{metrics[key]:.3g}" for label, key in self.task.progress.items() if key in metrics}
+                    bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                bar.update(1)
+                every = lambda n: n and state["step"] % n == 0  # noqa: E731
+                if self.evaluating and every(self.cfg.eval_every) and state["step"] != self.total_steps:
+                    history["eval"].append(self.evaluate(state["step"]))
+                stopping = self.reduce(stop.received is not None) > 0  # every process stops at the same step
+                if every(self.cfg.save_every) or stopping:
+                    self.save_checkpoint(optimizer, scheduler, {**state, "elapsed_s": state["elapsed_s"] + time.perf_counter() - clock})
+                if stopping and state["step"] < self.total_steps:
+                    bar.close()
+                    raise Stopped(self.stopped_message(stop.received, state["step"]))
         bar.close()
         if self.evaluating:
             history["eval"].append(self.evaluate(self.total_steps))
         return self.finish(module, state["elapsed_s"] + time.perf_counter() - clock, state, start_step, history)
+
+    def stopped_message(self, received: str | None, step: int) -> str:
+        return (f"stopped by {received or 'a signal to another process'} after step {step} of {self.total_steps}; "
+                f"checkpoint {self.ckpt_root / f'step-{step}'}. Resume by running the same command again, e.g. "
+                f"posttrain {self.task.name} {self.out / 'recipe.yaml'}")
 
     def prepare(self):
         """The trained module, the optimizer and the schedule, prepared for distribution."""
@@ -139,8 +150,16 @@ class Engine:
         return module, optimizer, scheduler
 
     def resume(self, optimizer, scheduler) -> dict:
-        """The newest complete checkpoint's state, or a fresh start."""
+        """The newest checkpoint that matches its manifest, or a fresh start; damaged ones are moved aside."""
         state = {"step": 0, "elapsed_s": 0.0, "tokens": 0, "bad_steps": 0}
+        if self.acc.is_main_process:
+            for newest in reversed(ckpt.list_checkpoints(self.ckpt_root)):
+                problem = ckpt.problem(newest)
+                if problem is None:
+                    break
+                self.say(f"checkpoint {newest} is damaged ({problem}): moved to {ckpt.set_aside(newest).name}, "
+                         "trying the one before")
+        self.acc.wait_for_everyone()
         checkpoints = ckpt.list_checkpoints(self.ckpt_root)
         if not checkpoints and (self.out / "final").exists():
             self.say(f"{self.out} holds a finished run without checkpoints: training again from step 0 (final/ is replaced)")
@@ -252,6 +271,9 @@ class Engine:
             self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def save_checkpoint(self, optimizer, scheduler, state: dict) -> None:
+        short = ckpt.check_free_space(self.ckpt_root, ckpt.needed_bytes(self.trained, optimizer))
+        if self.reduce(short is not None):  # every process stops, not only the one that looked
+            raise UserError(short or f"not enough free disk for a checkpoint under {self.ckpt_root} on another process")
         staging = ckpt.staging_dir(self.ckpt_root, state["step"])
         if self.acc.is_main_process and staging.exists():
             import shutil

@@ -53,7 +53,7 @@ def run(command: str, recipe: Recipe) -> dict:
         model = merged(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_peft(model, recipe.peft, recipe.peft.model_fields_set, recipe.train.seed, task.peft_task_type)
+    model = apply_peft(model, recipe.peft, recipe.peft.changed(), recipe.train.seed, task.peft_task_type)
     if is_prompt_learning(model) and recipe.train.packing:
         raise UserError(f"peft.method: {recipe.peft.method} prepends virtual tokens to every row, which packed rows "
                         "cannot share; set train.packing: false")

@@ -97,7 +97,7 @@ class PPOTask(GRPOTask):
             raise UserError(f"rl.critic_model {self.cfg.critic_model}: its tokenizer differs from the policy's; the critic "
                             "reads the policy's tokens, so both must share one tokenizer")
         critic = load_model(path, self.recipe.trust_remote_code)
-        critic = apply_peft(critic, self.recipe.peft, self.recipe.peft.model_fields_set, self.recipe.train.seed)
+        critic = apply_peft(critic, self.recipe.peft, self.recipe.peft.changed(), self.recipe.train.seed)
         dtype = next(p for p in self.model.parameters()).dtype
         return _without_unused_head(critic.to(dtype=dtype, device=self.device))
 

@@ -97,7 +97,7 @@ class PreferenceTask(OfflineTask):
         if len(dft) > 1:
             raise UserError("loss.name: dft and dft2 track the same per-prompt state; use one of them")
         self.dft = dft[0] if dft else None
-        stray = {"dft_gamma", "dft_u_init"} & self.loss_cfg.model_fields_set
+        stray = self.loss_cfg.changed({"dft_gamma", "dft_u_init"})
         if stray and not self.dft:
             raise UserError(f"loss: {', '.join(sorted(stray))} not used by {', '.join(self.names)}")
         self.partition: dict[int, float] = {}

@@ -69,7 +69,7 @@ class UnpairedTask(OfflineTask):
         self.spec = check_unpaired(self.loss_cfg.name, self.loss_cfg.beta)
         self.beta = self.spec.beta(self.loss_cfg.beta)
         self.step_kl: torch.Tensor | None = None  # KTO's z0 for the current optimizer step
-        udm = {"density_ratio", "min_density_ratio", "max_density_ratio", "prompt_sample_size"} & self.loss_cfg.model_fields_set
+        udm = self.loss_cfg.changed({"density_ratio", "min_density_ratio", "max_density_ratio", "prompt_sample_size"})
         if udm and (self.loss_cfg.name != "bco" or not self.loss_cfg.density_ratio):
             raise UserError(f"loss: {', '.join(sorted(udm))} need loss.name: bco and loss.density_ratio: true")
         self.ratios: dict[str, torch.Tensor] = {}
