@@ -170,6 +170,26 @@ def test_unconditioned_reply_loss_by_a_direct_forward(tiny_model_dir, tiny_token
     assert completion_nll(model, tiny_tokenizer, [{"text": text}], 1024)[0] == pytest.approx(float(-logps.mean()), rel=1e-6)
 
 
+def test_scores_are_cached_per_scorer_and_reused_across_methods(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    from posttrain.data import select
+    from posttrain.evaluate import heldout
+    from posttrain.evaluate.model import KeyedCache, fingerprint
+    from posttrain.models import load_model
+
+    model = load_model(str(tiny_model_dir)).eval()
+    records = [{"prompt": f"What is {i} + 1?", "completion": f"It is {i + 1}."} for i in range(5)]
+    cache = KeyedCache("scores", fingerprint(str(tiny_model_dir)))
+    first = select.completion_nll(model, tiny_tokenizer, records[:3], 1024, cache)
+    scored = []
+    real = heldout.record_losses
+    monkeypatch.setattr(heldout, "record_losses", lambda m, path, *a: scored.append(path) or real(m, path, *a))
+    again = select.completion_nll(model, tiny_tokenizer, records, 1024, KeyedCache("scores", fingerprint(str(tiny_model_dir))))
+    assert again[:3].tolist() == first.tolist() and len(scored) == 1  # only records 3 and 4 were scored
+    assert again[3:].tolist() == pytest.approx(select.completion_nll(model, tiny_tokenizer, records[3:], 1024).tolist(), rel=1e-6)
+    select.completion_nll(model, tiny_tokenizer, records, 512, cache)  # another max_length is another score
+    assert len(scored) == 3
+
+
 def test_zip_fit_and_kcenter_by_hand():
     import gzip
 

@@ -123,24 +123,36 @@ def near_duplicates(candidates: list[Candidate], threshold: float = 0.8, shingle
 
 
 # -- scores -----------------------------------------------------------------------------------------------------
-def completion_nll(model, tokenizer, records: list[dict], max_length: int) -> np.ndarray:
-    """Mean NLL per completion token of each SFT record, through the training pipeline."""
+def completion_nll(model, tokenizer, records: list[dict], max_length: int, cache=None) -> np.ndarray:
+    """Mean NLL per completion token of each SFT record, through the training pipeline; with a ``KeyedCache`` of
+    the scorer, records scored before (by any method, in any file) are not scored again."""
     import tempfile
 
     from posttrain.evaluate.heldout import record_losses
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "records.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        nll, tokens = record_losses((model, tokenizer), str(path), None, max_length)
-    return (nll / tokens.clamp(min=1)).numpy()
+    keys = [hashlib.sha256(json.dumps([r, max_length], sort_keys=True).encode()).hexdigest() for r in records]
+    known = cache.entries if cache is not None else {}
+    todo = [i for i, key in enumerate(keys) if key not in known]
+    if todo:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "records.jsonl"
+            path.write_text("".join(json.dumps(records[i]) + "\n" for i in todo))
+            nll, tokens = record_losses((model, tokenizer), str(path), None, max_length)
+        if len(nll) != len(todo):
+            raise UserError(f"data select: {len(todo) - len(nll)} records have no completion tokens to score within "
+                            f"--max-length {max_length}; drop them with --min-tokens or raise --max-length")
+        new = {keys[i]: float(value) for i, value in zip(todo, (nll / tokens.clamp(min=1)).tolist())}
+        if cache is not None:
+            cache.put(new)
+        known = {**known, **new}
+    return np.array([known[key] for key in keys], dtype=np.float64)
 
 
-def ifd_scores(model, tokenizer, candidates: list[Candidate], max_length: int) -> np.ndarray:
+def ifd_scores(model, tokenizer, candidates: list[Candidate], max_length: int, cache=None) -> np.ndarray:
     """IFD = exp(NLL(reply | instruction)) / exp(NLL(reply)), both means over the reply's tokens: the conditioned
     reply in the chat template, the unconditioned one as plain text, as in the authors' code (Cherry LLM)."""
-    conditioned = completion_nll(model, tokenizer, [c.record for c in candidates], max_length)
-    alone = completion_nll(model, tokenizer, [{"text": c.completion} for c in candidates], max_length)
+    conditioned = completion_nll(model, tokenizer, [c.record for c in candidates], max_length, cache)
+    alone = completion_nll(model, tokenizer, [{"text": c.completion} for c in candidates], max_length, cache)
     return np.exp(conditioned - alone)
 
 
@@ -213,7 +225,7 @@ def diverse_in_order(vectors: np.ndarray, order: list[int], budget: int, similar
     return taken
 
 
-def grape_candidates(path: str, limit: int | None, model, tokenizer, max_length: int) -> list[Candidate]:
+def grape_candidates(path: str, limit: int | None, model, tokenizer, max_length: int, cache=None) -> list[Candidate]:
     """One SFT candidate per instruction: the response the model finds most likely; its score is that mean
     log-prob per token."""
     from posttrain.data.load import read_records
@@ -232,7 +244,7 @@ def grape_candidates(path: str, limit: int | None, model, tokenizer, max_length:
     from posttrain.data.formats import parse_sft
     from posttrain.data.tokenize import ExampleTokenizer
 
-    nll = completion_nll(model, tokenizer, flat, max_length)
+    nll = completion_nll(model, tokenizer, flat, max_length, cache)
     tokenize = ExampleTokenizer(tokenizer, DataConfig(train=path, max_length=10**9))
     out = []
     for where, record, start in rows:
@@ -250,8 +262,8 @@ SELECTORS = ("random", "length", "loss", "ifd", "zip_fit", "kcenter", "deita", "
 
 
 def select(candidates: list[Candidate], budget: int, method: str, *, model=None, tokenizer=None, targets=None,
-           prefer: str = "high", seed: int = 0, max_length: int = 1024,
-           similarity: float = 0.9) -> tuple[list[int], dict[str, np.ndarray], dict]:
+           prefer: str = "high", seed: int = 0, max_length: int = 1024, similarity: float = 0.9,
+           cache=None) -> tuple[list[int], dict[str, np.ndarray], dict]:
     """(kept indices in pick order, per-record scores by name, notes) among ``candidates``."""
     n = len(candidates)
     notes: dict = {}
@@ -272,10 +284,10 @@ def select(candidates: list[Candidate], budget: int, method: str, *, model=None,
         scores = {"reply_tokens": np.array([c.reply_tokens for c in candidates], dtype=np.float64)}
         key = scores["reply_tokens"]
     elif method == "loss":
-        scores = {"loss": completion_nll(model, tokenizer, [c.record for c in candidates], max_length)}
+        scores = {"loss": completion_nll(model, tokenizer, [c.record for c in candidates], max_length, cache)}
         key = scores["loss"] if prefer == "high" else -scores["loss"]
     elif method == "ifd":
-        scores = {"ifd": ifd_scores(model, tokenizer, candidates, max_length)}
+        scores = {"ifd": ifd_scores(model, tokenizer, candidates, max_length, cache)}
         key = np.where(scores["ifd"] < 1.0, scores["ifd"], -np.inf)
         notes["ifd_at_least_1"] = int((scores["ifd"] >= 1.0).sum())
     elif method == "grape":
@@ -306,7 +318,7 @@ def select_file(path: str, budget: int, method: str, out: str, *, model_spec: st
                 prefer: str = "high", seed: int = 0, limit: int | None = None, report: str | None = None,
                 target_limit: int = 100, similarity: float = 0.9, max_length: int = 1024) -> dict:
     """Filter, score and pick; write the kept records (as read) to ``out`` and every record's fate to ``report``."""
-    from posttrain.evaluate.model import EvalModel
+    from posttrain.evaluate.model import EvalModel, KeyedCache, fingerprint
 
     if budget < 1:
         raise UserError("data select: --budget must be at least 1")
@@ -322,8 +334,9 @@ def select_file(path: str, budget: int, method: str, out: str, *, model_spec: st
     if near_threshold != 0.8 and dedup != "minhash":
         raise UserError("data select: --near-threshold is read by --dedup minhash only")
     scorer = EvalModel(model_spec)
+    cache = KeyedCache("scores", fingerprint(scorer.path)) if method in ("loss", "ifd", "grape") else None
     if method == "grape":
-        candidates = grape_candidates(path, limit, scorer.model, scorer.tokenizer, max_length)
+        candidates = grape_candidates(path, limit, scorer.model, scorer.tokenizer, max_length, cache)
     else:
         candidates = load_candidates(path, limit, scorer.tokenizer)
     fate = ["candidate"] * len(candidates)
@@ -345,7 +358,7 @@ def select_file(path: str, budget: int, method: str, out: str, *, model_spec: st
     picked, scores, notes = select([candidates[i] for i in pool], budget, method,
                                    model=scorer.model if needs_model else None, tokenizer=scorer.tokenizer,
                                    targets=targets, prefer=prefer, seed=seed, max_length=max_length,
-                                   similarity=similarity)
+                                   similarity=similarity, cache=cache)
     kept = [pool[j] for j in picked]
     for i in pool:
         fate[i] = "not picked"

@@ -59,26 +59,33 @@ class Generation:
     truncated: bool  # stopped by the token limit, not by the end of turn
 
 
-class GenerationCache:
-    """``key -> Generation`` as JSON lines in one file per model fingerprint; appended as generations arrive."""
+class KeyedCache:
+    """``key -> value`` as JSON lines in one file per model fingerprint under ``cache_root()/kind``, appended as
+    values arrive. Values are instances of ``value_type`` (a dataclass) or plain JSON values."""
 
-    def __init__(self, model_fingerprint: str):
-        self.file = cache_root() / "generations" / f"{model_fingerprint[:32]}.jsonl"
-        self.entries: dict[str, Generation] = {}
+    def __init__(self, kind: str, model_fingerprint: str, value_type=None):
+        self.file = cache_root() / kind / f"{model_fingerprint[:32]}.jsonl"
+        self.value_type = value_type
+        self.entries: dict = {}
         if self.file.exists():
             for line in self.file.read_text().splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut by a kill mid-write: that generation is made again
+                    continue  # a line cut by a kill mid-write: that value is made again
                 key = entry.pop("key")
-                self.entries[key] = Generation(**entry)
+                self.entries[key] = value_type(**entry) if value_type else entry["value"]
 
-    def put(self, items: dict[str, Generation]) -> None:
+    def put(self, items: dict) -> None:
         self.entries.update(items)
         self.file.parent.mkdir(parents=True, exist_ok=True)
+        encode = asdict if self.value_type else (lambda value: {"value": value})
         with open(self.file, "a") as handle:
-            handle.write("".join(json.dumps({"key": k, **asdict(g)}) + "\n" for k, g in items.items()))
+            handle.write("".join(json.dumps({"key": k, **encode(v)}) + "\n" for k, v in items.items()))
+
+
+def generation_cache(model_fingerprint: str) -> KeyedCache:
+    return KeyedCache("generations", model_fingerprint, Generation)
 
 
 def sample_key(rendered: str, settings: SamplingSettings, seed: int, sample: int) -> str:
@@ -126,8 +133,8 @@ class EvalModel:
         return model.to(PartialState().device).eval()
 
     @cached_property
-    def cache(self) -> GenerationCache | None:
-        return GenerationCache(fingerprint(self.path)) if self.use_cache else None
+    def cache(self) -> KeyedCache | None:
+        return generation_cache(fingerprint(self.path)) if self.use_cache else None
 
     def generate(self, prompts: list, settings: SamplingSettings, samples: int = 1, seed: int = 0,
                  progress: bool = True) -> list[list[Generation]]:
