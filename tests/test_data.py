@@ -1,6 +1,7 @@
 """Data layer: loading every format, validation errors, chat-template masks, weights, truncation."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -172,3 +173,148 @@ def test_malformed_records_name_file_line_and_field(tmp_path, line, where, field
     error = info.value
     assert (error.path, error.location, error.field) == (str(path), where, field)
     assert message in str(error) and str(path) in str(error) and where in str(error)
+
+
+def json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=12)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+
+
+def records():
+    """Random JSON objects, biased towards the field names and shapes the validators look for."""
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(["prompt", "completion", "messages", "text", "chosen", "rejected", "gold", "reference",
+                            "label", "responses", "scores", "ratings", "completions", "labels", "weight", "question",
+                            "answer", "margin", "steps"])
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "robot"]),
+                                     "content": json_values() | st.text(max_size=12)},
+                                    optional={"weight": json_values()})
+    segment = st.fixed_dictionaries({"text": json_values() | st.text(max_size=8)}, optional={"weight": json_values()})
+    hh = st.builds(lambda turns: "".join(f"\n\n{who}: {what}" for who, what in turns),
+                   st.lists(st.tuples(st.sampled_from(["Human", "Assistant"]), st.text(max_size=8)), max_size=4))
+    value = json_values() | st.lists(message, max_size=4) | st.lists(segment, max_size=3) | hh
+    reply = st.text(max_size=8) | st.lists(message, min_size=1, max_size=3) | st.lists(segment, min_size=1, max_size=2)
+    number = st.integers() | st.floats(allow_nan=True) | json_values()
+    ratings = st.dictionaries(st.sampled_from(["helpful", "safe", "other"]), number, max_size=2) | json_values()
+    shaped = st.one_of(  # nearly valid records of each format, so the checks past the first field are reached
+        st.fixed_dictionaries({"prompt": reply, "chosen": reply, "rejected": reply},
+                              optional={"gold": reply, "margin": number, "chosen_ratings": ratings, "weight": number}),
+        st.fixed_dictionaries({"chosen": reply | hh, "rejected": reply | hh}),
+        st.fixed_dictionaries({"prompt": reply, "completion": reply},
+                              optional={"label": st.booleans() | number, "ratings": ratings, "weight": number}),
+        st.fixed_dictionaries({"prompt": reply, "responses": st.lists(reply, max_size=3),
+                               "scores": st.lists(number, max_size=3) | number}),
+        st.fixed_dictionaries({"prompt": reply, "completions": st.lists(reply, max_size=3),
+                               "labels": st.lists(st.booleans() | number, max_size=3)}),
+        st.fixed_dictionaries({"messages": st.lists(message, max_size=4)}, optional={"weight": number}),
+        st.fixed_dictionaries({"question": value, "answer": value}),
+        st.lists(st.tuples(reply, st.integers(-3, 3)), max_size=3).map(
+            lambda rs: {"prompt": "q", "responses": [r for r, _ in rs], "scores": [x for _, x in rs]}),
+        st.lists(st.tuples(st.text(max_size=6), st.booleans()), max_size=3).map(
+            lambda ss: {"prompt": "q", "completions": [t for t, _ in ss], "labels": [x for _, x in ss]}))
+    return shaped | st.dictionaries(keys, value, max_size=5) | json_values()
+
+
+def test_every_validator_raises_only_its_own_error_on_random_json():
+    from hypothesis import HealthCheck, given, settings
+
+    from posttrain.data.adapters import adapt
+    from posttrain.data.formats import parse_preference, parse_ranked, parse_rated, parse_steps, parse_unpaired
+    from posttrain.data.inspect import detect_format, examples_of
+
+    parsers = [parse_sft, parse_preference, parse_unpaired, parse_ranked, parse_rated, parse_steps,
+               lambda p, w, r: parse_rated(p, w, r, ["helpful", "safe"]),
+               lambda p, w, r: examples_of(detect_format(r), p, w, r)]
+
+    @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None, derandomize=not os.environ.get("FUZZ_EXAMPLES"), suppress_health_check=list(HealthCheck))
+    @given(records())
+    def check(record):
+        for parse in parsers:
+            try:
+                if not isinstance(record, dict):
+                    raise DataError("f.jsonl", "line 1", None, "a record must be a JSON object")  # as read_records
+                parse("f.jsonl", "line 1", adapt("auto", record, "f.jsonl", "line 1"))
+            except DataError:
+                pass
+
+    check()
+
+
+RECORD = {"prompt": "What is 2+2?", "completion": "4"}
+
+
+def bad_file(tmp_path, case: str):
+    line = json.dumps(RECORD)
+    path = tmp_path / ("data.parquet" if case == "parquet with a wrong schema" else "data.jsonl")
+    content = {
+        "byte-order mark": b"\xef\xbb\xbf" + (line + "\n").encode() * 3,
+        "CRLF endings": (line + "\r\n").encode() * 3,
+        "UTF-16": ((line + "\n") * 3).encode("utf-16"),
+        "a JSON array": json.dumps([RECORD] * 3).encode(),
+        "a 50 MB line": (line + "\n" + json.dumps({"prompt": "x " * (25 * 2**20), "completion": "y"}) + "\n"
+                         + line + "\n").encode(),
+        "NUL bytes": (line + "\n").encode() + b'{"prompt": "a\x00b", "completion": "c"}\n',
+        "UTF-16 without its mark": ((line + "\n") * 2).encode("utf-16-le"),
+    }.get(case)
+    if content is None:
+        pd.DataFrame([{"question_text": "q", "reply": "a"}]).to_parquet(path)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("case, records", [("byte-order mark", 3), ("CRLF endings", 3), ("UTF-16", 3),
+                                           ("a JSON array", 3), ("a 50 MB line", 3)])
+def test_awkward_files_that_read_as_they_should(tmp_path, case, records):
+    read = load_sources([DataSource(path=str(bad_file(tmp_path, case)))])
+    assert len(read) == records
+    assert [r for _, _, r in read][0] == RECORD
+    assert parse_sft("f", "line 1", read[0][2]).completion[0].text == "4"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("NUL bytes", r"data.jsonl, line 2: a NUL byte at column 14"),
+    ("UTF-16 without its mark", r"data.jsonl, line 1: a NUL byte at column 2: .*UTF-16 without a byte-order mark"),
+    ("parquet with a wrong schema", r"data.parquet, row 1: not an SFT record: expected 'messages', 'prompt' \+ "
+                                    r"'completion' or 'text' \(found question_text, reply\)"),
+])
+def test_unreadable_files_name_the_file_and_line(tmp_path, case, message):
+    path = bad_file(tmp_path, case)
+    with pytest.raises(DataError, match=message):
+        for source, where, record in load_sources([DataSource(path=str(path))]):
+            parse_sft(source, where, record)
+
+
+@pytest.mark.parametrize("record, field, message", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "rejected", "is identical to chosen"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]},
+     "chosen[0]", "a user turn inside the reply"),
+    ({"chosen": "\n\nHuman: q1\n\nAssistant: a", "rejected": "\n\nHuman: q2\n\nAssistant: b"},
+     None, "hh_rlhf adapter: the chosen and rejected transcripts differ before their last Assistant reply"),
+    ({"prompt": "q", "responses": ["a", "b", "c"], "scores": [1, 2]}, "scores", "must be a list of 3 numbers"),
+])
+def test_bad_preference_records_are_refused_with_their_field(record, field, message):
+    from posttrain.data.adapters import adapt
+    from posttrain.data.formats import parse_preference, parse_ranked
+
+    parse = parse_ranked if "responses" in record else parse_preference
+    with pytest.raises(DataError, match=message) as caught:
+        parse("pairs.jsonl", "line 7", adapt("auto", record, "pairs.jsonl", "line 7"))
+    assert caught.value.field == field and str(caught.value).startswith("pairs.jsonl, line 7:")
+
+
+def test_pairs_given_as_whole_transcripts_share_their_prompt_and_an_empty_reply_trains_end_of_turn(tiny_tokenizer):
+    from posttrain.data.formats import parse_preference
+    from posttrain.data.tokenize import tokenize_sft
+
+    user = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "first"}, {"role": "user", "content": "and?"}]
+    pair = parse_preference("f", "line 1", {"chosen": user + [{"role": "assistant", "content": ""}],
+                                            "rejected": user + [{"role": "assistant", "content": "no"}]})
+    assert [m.weight for m in pair.chosen.messages] == [0.0, 0.0, 0.0, 1.0]  # the earlier reply is prompt, untrained
+    tokens = tokenize_sft(pair.chosen, tiny_tokenizer, ChatFormatter(tiny_tokenizer), 1024)
+    assert tiny_tokenizer.decode(tokens.input_ids[tokens.weights > 0]).strip() == "<|im_end|>"

@@ -14,8 +14,8 @@ class DataError(UserError):
     def __init__(self, path: str, location: str | None, field: str | None, message: str):
         self.path, self.location, self.field = path, location, field
         where = path if location is None else f"{path}, {location}"
-        what = f" field {field!r}:" if field else ""
-        super().__init__(f"{where}:{what} {message}")
+        self.detail = (f"field {field!r}: " if field else "") + message  # without the file and the line
+        super().__init__(f"{where}: {self.detail}")
 
 
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure; run the same command again to continue

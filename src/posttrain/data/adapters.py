@@ -45,6 +45,9 @@ def hh_rlhf(record: dict) -> dict:
         shared += 1
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         raise ValueError("both transcripts must end with an Assistant turn")
+    if any(m["role"] != "assistant" for m in chosen[shared:] + rejected[shared:]):
+        raise ValueError("the chosen and rejected transcripts differ before their last Assistant reply: a pair "
+                         "must share its prompt")
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 

@@ -56,9 +56,11 @@ class RecordChecker:
         return DataError(self.path, self.where, field_name, message)
 
     def require(self, name: str):
-        if name not in self.record or self.record[name] is None:
+        if name not in self.record:
             present = ", ".join(sorted(self.record)) or "none"
             raise self.fail(name, f"missing (fields present: {present})")
+        if self.record[name] is None:
+            raise self.fail(name, "is null")
         return self.record[name]
 
     def weight(self, value, name: str) -> float:
@@ -152,13 +154,40 @@ class PreferenceExample:
 
 
 def parse_preference(path: str, where: str, record: dict) -> PreferenceExample:
+    """A pair shares its prompt: given apart (``prompt``), or as the turns both transcripts share (as TRL extracts
+    an implicit prompt); the replies themselves are assistant (and tool) turns only. Identical replies are refused:
+    such a pair has no preference to learn. An empty reply is a reply (HH-RLHF prefers silence to some requests):
+    its end-of-turn token is what is trained."""
     check = RecordChecker(path, where, record)
     for name in ("chosen", "rejected"):
         check.require(name)
     prompt = check.text_or_messages("prompt", "user") if "prompt" in record else ""
     names = ["chosen", "rejected"] + [n for n in ("gold", "reference") if n in record][:1]  # TRL calls gold "reference"
-    sides = [_completion_example(check, prompt, check.text_or_messages(n, "assistant"), n) for n in names]
-    return PreferenceExample(*sides)
+    replies = {n: check.text_or_messages(n, "assistant") for n in names}
+    if "prompt" not in record and all(isinstance(r[0], Message) for r in replies.values()):
+        prompt, replies = _shared_prompt(check, replies)
+    for name, reply in replies.items():
+        turns = reply if isinstance(reply[0], Message) else [Message("assistant", reply)]
+        for i, turn in enumerate(turns):
+            if turn.role not in ("assistant", "tool"):
+                raise check.fail(f"{name}[{i}]", f"a {turn.role} turn inside the reply: the chosen and rejected "
+                                 "transcripts must share every turn before their replies (the prompt)")
+    if replies["chosen"] == replies["rejected"]:
+        raise check.fail("rejected", "is identical to chosen: the pair has no preference to learn "
+                                     "(posttrain data inspect lists every such record)")
+    return PreferenceExample(*[_completion_example(check, prompt, reply, n) for n, reply in replies.items()])
+
+
+def _shared_prompt(check: RecordChecker, replies: dict[str, list[Message]]) -> tuple[list[Message], dict]:
+    """Whole transcripts: the turns they share up to the chosen and rejected replies are the prompt."""
+    chosen, rejected = replies["chosen"], replies["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    for name, reply in replies.items():
+        if reply[:shared] != chosen[:shared]:
+            raise check.fail(name, "does not share the turns before the chosen and rejected replies")
+    return chosen[:shared], {name: reply[shared:] for name, reply in replies.items()}
 
 
 def _completion_example(check: RecordChecker, prompt, completion, name: str) -> SFTExample:

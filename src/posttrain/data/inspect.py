@@ -16,7 +16,7 @@ import numpy as np
 
 from posttrain.data.adapters import adapt
 from posttrain.data.formats import parse_preference, parse_ranked, parse_sft, parse_unpaired
-from posttrain.data.load import read_records, resolve_path
+from posttrain.data.load import jsonl_entries, read_records, resolve_path
 from posttrain.errors import DataError
 
 FORMATS = ("sft", "preference", "unpaired", "ranked")
@@ -42,27 +42,13 @@ def tolerant_records(path: str, limit: int | None):
         for where, record in read_records(path, limit):
             yield where, record, None
         return
-    count = 0
-    with open(file, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if limit is not None and count >= limit:
-                return
-            where = f"line {number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield where, None, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
-                count += 1
-                continue
-            if not text.strip():
-                continue
-            count += 1
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield where, None, f"invalid JSON: {exc.msg} at column {exc.colno}"
-                continue
-            yield (where, record, None) if isinstance(record, dict) else (where, None, "a record must be a JSON object")
+    for count, (where, value) in enumerate(jsonl_entries(file, path)):
+        if limit is not None and count >= limit:
+            return
+        if isinstance(value, DataError):
+            yield where, None, value.detail
+        else:
+            yield (where, value, None) if isinstance(value, dict) else (where, None, "a record must be a JSON object")
 
 
 def examples_of(fmt: str, path: str, where: str, record: dict) -> dict[str, list]:

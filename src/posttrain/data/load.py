@@ -6,6 +6,7 @@ can name the file, the line and the field.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Iterator
@@ -41,24 +42,59 @@ def read_records(path: str, limit: int | None = None) -> Iterator[Located]:
 
 
 def _read_jsonl(file: Path, name: str) -> Iterator[Located]:
+    for where, value in jsonl_entries(file, name):
+        if isinstance(value, DataError):
+            raise value
+        yield where, value
+
+
+def jsonl_entries(file: Path, name: str) -> Iterator[tuple[str, object]]:
+    """(location, the line's JSON value or its DataError) for every non-empty line, so that a caller may go on past
+    a broken line. UTF-8 with or without a byte-order mark, CRLF endings, UTF-16 with its byte-order mark; a file
+    holding a JSON array is read as a .json file would be."""
     with open(file, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"line {number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(name, where, None, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
-            if not text.strip():
-                continue
+        head = handle.read(64)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            lines = file.read_bytes().decode("utf-16").splitlines()
+        except UnicodeDecodeError as exc:
+            raise DataError(name, None, None, f"not valid UTF-16 (byte offset {exc.start})") from None
+        texts = ((f"line {n}", line) for n, line in enumerate(lines, start=1))
+    elif head.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
+        yield from _read_json(file, name)
+        return
+    else:
+        texts = _utf8_lines(file, name)
+    for where, text in texts:
+        if isinstance(text, DataError):
+            yield where, text
+        elif text.strip():
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(name, where, None, f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+                yield where, DataError(name, where, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def _utf8_lines(file: Path, name: str) -> Iterator[tuple[str, str | DataError]]:
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"line {number}"
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            if b"\x00" in raw:
+                yield where, DataError(name, where, None, f"a NUL byte at column {raw.index(0) + 1}: binary data, or "
+                                       "text in another encoding (UTF-16 without a byte-order mark?)")
+                continue
+            try:
+                yield where, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, DataError(name, where, None, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at column "
+                                       f"{exc.start + 1})")
 
 
 def _read_json(file: Path, name: str) -> Iterator[Located]:
     try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DataError(name, None, None, f"not valid UTF-8 (byte offset {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -81,7 +117,7 @@ def _read_parquet(file: Path, name: str) -> Iterator[Located]:
 
 def _read_csv(file: Path, name: str) -> Iterator[Located]:
     try:
-        with open(file, newline="", encoding="utf-8") as handle:
+        with open(file, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             for record in reader:
                 yield f"line {reader.line_num}", {k: _maybe_json(v) for k, v in record.items()}
