@@ -178,3 +178,84 @@ def test_a_runs_recipe_yaml_loads_back_as_the_same_recipe_for_every_shipped_reci
         COMMANDS[command].task_class()(again, tiny_tokenizer)  # the task's own checks accept it too
         checked += 1
     assert checked >= 12
+
+
+# -- safety ---------------------------------------------------------------------------------------------------------
+def test_secrets_in_the_environment_never_reach_the_run_directory(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import GSM8K
+
+    secret = "sk-planted-7f3a9c1e5b"
+    for name in ("WANDB_API_KEY", "HF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(name, secret)
+    evals = f"[{{task: answer_accuracy, data: {GSM8K}, limit: 2, max_new_tokens: 4}}]"
+    run_sft(tiny_model_dir, tmp_path, **{"train.max_steps": 2, "train.save_every": 1, "train.report_to": "[tensorboard]",
+                                         "data.eval": str(GSM8K), "data.eval_limit": 4, "train.eval_every": 1,
+                                         "evals": evals})
+    assert subprocess.run([sys.executable, "-m", "posttrain", "report", str(tmp_path)], capture_output=True).returncode == 0
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "report.html" for p in files) and any("tfevents" in p.name for p in files)
+    assert not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_pickle_weights_are_refused_unless_the_recipe_allows_them(tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from posttrain.errors import UserError
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"holds its weights only as pickle \(pytorch_model.bin\), which can run code "
+                                        r"while it loads; .* or set allow_pickle: true"):
+        run_sft(pickled, tmp_path / "refused", **{"train.max_steps": 1})
+    run_sft(pickled, tmp_path / "allowed", **{"train.max_steps": 1, "allow_pickle": "true"})
+    assert (tmp_path / "allowed" / "final").is_dir()
+
+
+def test_remote_code_in_a_model_directory_does_not_run_by_default(tiny_model_dir, tmp_path):
+    import shutil
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, custom)
+    marker = tmp_path / "code-ran"
+    (custom / "modeling_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers.models.llama.modeling_llama import LlamaForCausalLM\n\n\n"
+        "class CustomModel(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (custom / "config.json").write_text(json.dumps(config))
+    run_sft(custom, tmp_path / "run", **{"train.max_steps": 1})  # transformers' own Llama class, the file not run
+    assert not marker.exists()
+    run_sft(custom, tmp_path / "trusted", **{"train.max_steps": 1, "trust_remote_code": "true"})
+    assert marker.read_text() == "ran"  # the switch is what decides
+
+
+def test_reward_functions_import_from_beside_the_recipe_never_from_data(tiny_model_dir, tmp_path):
+    from test_grpo import RL
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my_rewards.py").write_text("def short(prompts, completions, **columns):\n"
+                                           "    return [1.0 / (1 + len(c)) for c in completions]\n")
+    prompts = [{"prompt": f"Count to {i}.", "reward": "os:system"} for i in range(8)]  # a data column, never imported
+    (project / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    overrides = {**RL, "rewards": "[{name: my_rewards:short}]", "data.train": str(project / "prompts.jsonl"),
+                 "data.limit": "null", "train.max_steps": 1, "train.batch_size": 4}
+    recipe = write_recipe(project, tiny_model_dir, tmp_path / "run", overrides)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([sys.executable, "-m", "posttrain", "grpo", str(recipe)], cwd=elsewhere,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = metrics(tmp_path / "run")[0]
+    assert logged["reward/my_rewards:short/failed"] == 0 and logged["reward/mean"] > 0
+    moved = tmp_path / "recipe-alone.yaml"  # the same recipe away from my_rewards.py: not importable
+    moved.write_text(recipe.read_text())
+    refused = subprocess.run([sys.executable, "-m", "posttrain", "grpo", str(moved), f"output_dir={tmp_path / 'other'}"],
+                             cwd=elsewhere, capture_output=True, text=True)
+    assert refused.returncode == 2 and "my_rewards:short" in refused.stderr and "cannot import" in refused.stderr

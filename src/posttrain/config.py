@@ -7,6 +7,7 @@ setting silently ignored.
 from __future__ import annotations
 
 import importlib.resources
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -175,6 +176,8 @@ class Recipe(Section):
 
     model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a HF dir, a .gguf, a hub id")
     trust_remote_code: bool = Field(False, description="allow model code from the hub (off by default: safety)")
+    allow_pickle: bool = Field(False, description="load weights stored as pickle (.bin / .pt), which can run code "
+                               "while loading (off by default: safetensors and GGUF only)")
     output_dir: str = Field(description="run directory; a second run with the same directory resumes")
     data: DataConfig
     peft: PeftConfig = Field(default_factory=PeftConfig)
@@ -716,9 +719,19 @@ def load_recipe(command: str, path: str | None, overrides: list[str] = ()) -> Re
             raise UserError(f"{recipe_path}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise UserError(f"{recipe_path}: a recipe must be a mapping of keys to values")
+        importable_beside(recipe_path)
     for override in overrides:
         apply_override(tree, *parse_override(override))
     return validate_recipe(command, tree, source=path or "overrides")
+
+
+def importable_beside(recipe_path: Path) -> None:
+    """``module:function`` rewards and eval tasks may live next to the recipe: its directory joins the import path
+    last, so installed packages (and the standard library) are never shadowed by a file there. Nothing is ever
+    imported from a name inside a data record."""
+    directory = str(recipe_path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.append(directory)
 
 
 def validate_recipe(command: str, tree: dict, source: str = "recipe") -> Recipe:

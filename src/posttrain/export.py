@@ -44,7 +44,7 @@ def export_checkpoint(run_dir: Path, name: str, out: Path) -> None:
         return export_classifier_checkpoint(classifier, tree, weights, out)
     recipe = Recipe.model_validate({k: v for k, v in tree.items() if k in Recipe.model_fields})  # keys every command shares
     path = resolve_model(recipe.model)
-    model = apply_peft(load_model(path, recipe.trust_remote_code), recipe.peft, set(), recipe.train.seed)
+    model = apply_peft(load_model(path, recipe.trust_remote_code, allow_pickle=recipe.allow_pickle), recipe.peft, set(), recipe.train.seed)
     params = dict(model.named_parameters())
     for key, value in weights.items():
         if key.startswith(("value_head.", "critic.")):  # PPO checkpoints its value model next to the policy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib.util
+import json
 import os
 import random
 import re
@@ -108,11 +109,34 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(path: str, spec: str, allow_pickle: bool = False) -> None:
+    """Unpickling can run code: a model directory (and an adapter's local base) must hold safetensors weights unless
+    the recipe sets ``allow_pickle: true``."""
+    if allow_pickle:
+        return
+    roots = [Path(path)]
+    if (roots[0] / "adapter_config.json").exists():
+        base = json.loads((roots[0] / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        roots += [Path(base)] if base and Path(base).is_dir() else []
+    for root in roots:
+        if root.is_dir() and not any(root.glob("*.safetensors")):
+            pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickled:
+                raise UserError(f"model: {spec}: {root} holds its weights only as pickle ({', '.join(pickled[:3])}), "
+                                "which can run code while it loads; convert them to safetensors (load once with "
+                                "transformers and save_pretrained), or set allow_pickle: true in the recipe if you "
+                                "trust these files")
+
+
+def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
     """A causal LM from a model spec, or from a run's adapter directory (base + adapter)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
+    refuse_pickle(path, spec, allow_pickle)
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
@@ -123,7 +147,8 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = 
         raise not_loadable(spec, exc) from None
 
 
-def load_classifier(spec: str, num_labels: int, per_token: bool = False, trust_remote_code: bool = False):
+def load_classifier(spec: str, num_labels: int, per_token: bool = False, trust_remote_code: bool = False,
+                    allow_pickle: bool = False):
     """A sequence-classification model (token-classification with ``per_token``) with ``num_labels`` outputs, from
     a classifier directory (its head kept when the shape fits), a causal LM (its trunk and a new head, initialized
     by transformers from the current seed) or a run's adapter directory (merged into its base first)."""
@@ -133,8 +158,9 @@ def load_classifier(spec: str, num_labels: int, per_token: bool = False, trust_r
 
     auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
     path = resolve_model(spec)
+    refuse_pickle(path, spec, allow_pickle)
     if (Path(path) / "adapter_config.json").exists():
-        causal = load_model(path, trust_remote_code).merge_and_unload()
+        causal = load_model(path, trust_remote_code, allow_pickle=allow_pickle).merge_and_unload()
         config = copy.deepcopy(causal.config)
         config.num_labels = num_labels
         model = auto.from_config(config, trust_remote_code=trust_remote_code)

@@ -22,9 +22,10 @@ def load_reward_model(spec: str, dtype: torch.dtype = torch.float32, trust_remot
     """(model, tokenizer) of a reward model directory or hub id; refuses a model without a trained score head."""
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models import load_tokenizer, not_loadable, resolve_model
+    from posttrain.models import load_tokenizer, not_loadable, refuse_pickle, resolve_model
 
     path = resolve_model(spec)
+    refuse_pickle(path, spec)
     tokenizer = load_tokenizer(path, trust_remote_code)
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForSequenceClassification

@@ -98,7 +98,7 @@ class OfflineTask:
     def load_model(self, path: str):
         from posttrain.models import load_model
 
-        return load_model(path, self.recipe.trust_remote_code)
+        return load_model(path, self.recipe.trust_remote_code, allow_pickle=self.recipe.allow_pickle)
 
     def save_final(self, model, tokenizer, directory) -> None:
         from posttrain.models import save_final

@@ -98,7 +98,7 @@ class OnlineDPOTask(PoolTask):
         from posttrain.models import load_model, load_tokenizer, resolve_model
 
         path = resolve_model(judge.model)
-        frozen = load_model(path, self.recipe.trust_remote_code).eval().requires_grad_(False)
+        frozen = load_model(path, self.recipe.trust_remote_code, allow_pickle=self.recipe.allow_pickle).eval().requires_grad_(False)
         frozen.to(device=self.device, dtype=next(model.parameters()).dtype)
         return PairwiseJudge(frozen, load_tokenizer(path, self.recipe.trust_remote_code), judge.template, judge.batch_size)
 

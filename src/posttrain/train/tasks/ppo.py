@@ -96,7 +96,7 @@ class PPOTask(GRPOTask):
         if load_tokenizer(path, self.recipe.trust_remote_code).get_vocab() != self.tokenizer.get_vocab():
             raise UserError(f"rl.critic_model {self.cfg.critic_model}: its tokenizer differs from the policy's; the critic "
                             "reads the policy's tokens, so both must share one tokenizer")
-        critic = load_model(path, self.recipe.trust_remote_code)
+        critic = load_model(path, self.recipe.trust_remote_code, allow_pickle=self.recipe.allow_pickle)
         critic = apply_peft(critic, self.recipe.peft, self.recipe.peft.changed(), self.recipe.train.seed)
         dtype = next(p for p in self.model.parameters()).dtype
         return _without_unused_head(critic.to(dtype=dtype, device=self.device))

@@ -108,7 +108,8 @@ class ClassifierTask(OfflineTask):
     def load_model(self, path: str):
         from posttrain.models import load_classifier
 
-        model = load_classifier(path, self.num_labels, self.per_token, self.recipe.trust_remote_code)
+        model = load_classifier(path, self.num_labels, self.per_token, self.recipe.trust_remote_code,
+                                self.recipe.allow_pickle)
         model.config.pad_token_id = self.tokenizer.pad_token_id  # transformers' own forward needs it for batches
         if decoder_trunk_and_head(model)[0] is None and (self.recipe.train.packing or self.recipe.train.padding_free):
             raise UserError(f"model: {type(model).__name__} pools with its own head, which packed rows would mix; "
