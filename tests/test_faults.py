@@ -259,3 +259,18 @@ def test_reward_functions_import_from_beside_the_recipe_never_from_data(tiny_mod
     refused = subprocess.run([sys.executable, "-m", "posttrain", "grpo", str(moved), f"output_dir={tmp_path / 'other'}"],
                              cwd=elsewhere, capture_output=True, text=True)
     assert refused.returncode == 2 and "my_rewards:short" in refused.stderr and "cannot import" in refused.stderr
+
+
+def test_a_run_killed_after_its_last_checkpoint_logs_the_final_evaluation_once(tiny_model_dir, tmp_path):
+    import shutil
+
+    from conftest import GSM8K
+
+    settings = {"train.max_steps": 2, "train.save_every": 1, "data.eval": str(GSM8K), "data.eval_limit": 4}
+    run_sft(tiny_model_dir, tmp_path, **settings)
+    before = metrics(tmp_path, "eval.jsonl")
+    shutil.rmtree(tmp_path / "final")  # as if killed after the final evaluation, before final/ was written
+    again = run_sft(tiny_model_dir, tmp_path, **settings)
+    assert again["resumed_from"] == 2
+    assert [m["step"] for m in metrics(tmp_path, "eval.jsonl")] == [0, 2]
+    assert_same_logs(before, metrics(tmp_path, "eval.jsonl"))

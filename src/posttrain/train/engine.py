@@ -176,7 +176,9 @@ class Engine:
             ckpt.remove_stale(self.ckpt_root)
             (self.out / "recipe.yaml").write_text(f"# posttrain {self.task.name}\n" + dump_recipe(self.recipe))
             for log in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
-                _truncate_log(self.out / log, step)
+                # the final evaluation runs after the last checkpoint: a run resumed there logs it again
+                redone = log != "metrics.jsonl" and step == self.total_steps
+                _truncate_log(self.out / log, None if step == 0 else step - 1 if redone else step)
         trackers = list(self.cfg.report_to)
         if trackers:
             self.acc.init_trackers("tensorboard" if trackers == ["tensorboard"] else self.out.name,
@@ -342,13 +344,13 @@ def _grad_norm(params) -> torch.Tensor:
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint a run resumes from (they will be logged again);
-    a run starting from scratch starts a fresh log."""
+def _truncate_log(path: Path, keep_through: int | None) -> None:
+    """Drop records logged after step ``keep_through`` (they will be logged again by the resumed run); None: a run
+    starting from scratch starts a fresh log."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines() if step > 0 else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_text().splitlines() if keep_through is not None else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_through]
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -1,0 +1,89 @@
+"""SIGKILL at random moments (mid-step, mid-checkpoint, mid-evaluation), resumed each time: the run must end as
+the uninterrupted one did. CI kills each command family twice; ``pytest -m killloop`` runs the long version
+(10 kills per family, all six families), meant for a nightly schedule."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import assert_weights_close, final_weights, metrics
+from test_engine import write_recipe
+from test_faults import assert_same_logs
+
+FAMILIES = ("sft", "dpo", "kto", "rank", "rm", "grpo")
+
+
+def family_overrides(command: str, tmp_path) -> dict:
+    from test_grpo import RL
+    from test_preference import pairs_file
+    from test_ranking import ranked_file
+    from test_unpaired import unpaired_file
+
+    common = {"train.max_steps": 8, "train.save_every": 1, "train.save_total_limit": 2, "train.batch_size": 4,
+              "peft.method": "lora", "peft.dropout": 0.1, "train.eval_every": 3}
+    data = {"sft": {},
+            "dpo": {"data.train": str(pairs_file(tmp_path)), "data.eval": str(pairs_file(tmp_path)), "data.limit": "null"},
+            "kto": {"data.train": str(unpaired_file(tmp_path)), "data.limit": "null"},
+            "rank": {"data.train": str(ranked_file(tmp_path)), "data.limit": "null"},
+            "rm": {"data.train": str(pairs_file(tmp_path)), "data.limit": "null"},
+            "grpo": {**RL, "train.max_steps": 8, "rl.num_iterations": 2}}[command]
+    evaluation = {"sft": {"data.eval": str(__import__("conftest").GSM8K), "data.eval_limit": 8}}.get(command, {})
+    return {**common, **data, **evaluation}
+
+
+def posttrain(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "posttrain", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def kill_loop(command: str, tmp_path, model_dir, kills: int, seed: int) -> list[str]:
+    """Run straight through, then run again killed ``kills`` times at random moments and resumed until done;
+    returns what each kill interrupted."""
+    overrides = family_overrides(command, tmp_path)
+    started = time.perf_counter()
+    straight = posttrain([command, str(write_recipe(tmp_path, model_dir, tmp_path / "straight", overrides))])
+    assert straight.wait() == 0, straight.stderr.read()[-2000:]
+    duration = time.perf_counter() - started
+    recipe = write_recipe(tmp_path, model_dir, tmp_path / "killed", overrides)
+    root = tmp_path / "killed" / "checkpoints"
+    rng, hits, finished = random.Random(seed), [], 0
+    while len(hits) < kills:
+        run = posttrain([command, str(recipe)])
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        if run.poll() is not None:  # it finished first: start over from scratch, to have something to kill
+            assert run.returncode == 0, run.stderr.read()[-2000:]
+            finished += 1
+            assert finished <= 3 * kills
+            shutil.rmtree(tmp_path / "killed")
+            continue
+        run.kill()
+        run.wait()
+        steps = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.exists() else []
+        staging = bool(list(root.glob(".step-*.tmp"))) if root.exists() else False
+        hits.append(f"killed at checkpoint {steps[-1] if steps else 0}" + (" while writing one" if staging else ""))
+    final = posttrain([command, str(recipe)])
+    assert final.wait() == 0, final.stderr.read()[-2000:]
+    assert_weights_close(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"), atol=1e-6)
+    assert_same_logs(metrics(tmp_path / "straight"), metrics(tmp_path / "killed"))
+    if (tmp_path / "straight" / "eval.jsonl").exists():
+        assert_same_logs(metrics(tmp_path / "straight", "eval.jsonl"), metrics(tmp_path / "killed", "eval.jsonl"))
+    print(json.dumps({"command": command, "kills": hits, "runs that finished first (restarted)": finished}))
+    return hits
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "kto", "rank"])
+def test_two_random_kills_then_resume_equal_the_uninterrupted_run(command, tiny_model_dir, tmp_path):
+    kill_loop(command, tmp_path, tiny_model_dir, kills=2, seed=FAMILIES.index(command))
+
+
+@pytest.mark.killloop
+@pytest.mark.parametrize("command", FAMILIES)
+def test_ten_random_kills_then_resume_equal_the_uninterrupted_run(command, tiny_model_dir, tmp_path):
+    kill_loop(command, tmp_path, tiny_model_dir, kills=10, seed=100 + FAMILIES.index(command))
