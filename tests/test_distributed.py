@@ -4,11 +4,15 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from helpers import assert_weights_close, final_weights, metrics
 from test_engine import write_recipe
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "src" / "posttrain" / "recipes"
 
 
 def single_and_two_processes(command, model_dir, tmp_path, common, accum_two, port):
@@ -104,3 +108,40 @@ def test_a_process_whose_groups_are_all_dropped_still_joins_the_update(tiny_mode
         for key in ("loss", "grad_norm", "reward/mean"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
     assert_weights_close(final_weights(single), final_weights(double), atol=1e-9)
+
+
+SLURM_FAKES = {
+    "srun": '#!/bin/bash\nwhile [ "$1" != torchrun ]; do shift; done\nexec "$@"\n',  # one node: run the task here
+    "scontrol": '#!/bin/bash\nif [ "$1" = show ]; then echo localhost; else echo "$@" >> "$SCONTROL_LOG"; fi\n',
+}
+
+
+def test_the_slurm_script_checkpoints_on_sigterm_and_requeues(tiny_model_dir, tmp_path):
+    """The shipped sbatch script on one node, with srun and scontrol stood in for: SIGTERM (SLURM's time-limit
+    warning) reaches every training process through srun and torchrun; they checkpoint, and the job is requeued."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in SLURM_FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "torchrun").symlink_to(shutil.which("torchrun") or Path(sys.executable).parent / "torchrun")
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_model_dir, run, {"train.max_steps": 100000, "train.save_every": 100000})
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "2",
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    job = subprocess.Popen(["bash", str(RECIPES / "launch" / "slurm_multinode.sbatch"), "sft", str(recipe)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    checkpoints = list((run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1, output[-3000:]
+    assert "stopped by SIGTERM after step" in output and "requeueing job 4242" in output
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
