@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from posttrain.data.adapters import gsm8k
 
 TRAIN = "../shared/data/gsm8k/train.jsonl"
 DEV = "../shared/data/gsm8k/test_dev.jsonl"
@@ -68,11 +69,19 @@ def prepare(out: Path, pool: int, dev: int) -> None:
         return
     train = [json.loads(line) for line in Path(TRAIN).read_text().splitlines()[:pool]]
     write_jsonl(out / "pool.jsonl", train)
-    write_jsonl(out / "grape_pool.jsonl", [
-        {"prompt": r["question"], "responses": [r["answer"], re.sub(r"<<[^>]*>>", "", r["answer"])]} for r in train])
+    write_jsonl(out / "grape_pool.jsonl", [grape_record(r) for r in train])
     held = [json.loads(line) for line in Path(DEV).read_text().splitlines()]
     write_jsonl(out / "dev.jsonl", held[:dev])
     write_jsonl(out / "target.jsonl", held[dev:])
+
+
+def grape_record(record: dict) -> dict:
+    """GRAPE's candidates for a GSM8K question, as conversations (so training and scoring use the chat template,
+    as the other selections' GSM8K records do): the solution with and without its calculator annotations."""
+    adapted = gsm8k(record)
+    return {"prompt": adapted["prompt"], "answer": adapted["answer"],
+            "responses": [[{"role": "assistant", "content": text}] for text in (record["answer"],
+                                                                                adapted["completion"][0]["content"])]}
 
 
 def run_method(method: str, out: Path, budget: int, steps: int) -> dict:

@@ -181,13 +181,18 @@ def test_scores_are_cached_per_scorer_and_reused_across_methods(tiny_model_dir, 
     cache = KeyedCache("scores", fingerprint(str(tiny_model_dir)))
     first = select.completion_nll(model, tiny_tokenizer, records[:3], 1024, cache)
     scored = []
-    real = heldout.record_losses
-    monkeypatch.setattr(heldout, "record_losses", lambda m, path, *a: scored.append(path) or real(m, path, *a))
+    real = heldout.example_losses
+    monkeypatch.setattr(heldout, "example_losses", lambda m, task, examples: scored.append(len(examples)) or
+                        real(m, task, examples))
     again = select.completion_nll(model, tiny_tokenizer, records, 1024, KeyedCache("scores", fingerprint(str(tiny_model_dir))))
-    assert again[:3].tolist() == first.tolist() and len(scored) == 1  # only records 3 and 4 were scored
+    assert again[:3].tolist() == first.tolist() and scored == [2]  # only records 3 and 4 were scored
     assert again[3:].tolist() == pytest.approx(select.completion_nll(model, tiny_tokenizer, records[3:], 1024).tolist(), rel=1e-6)
-    select.completion_nll(model, tiny_tokenizer, records, 512, cache)  # another max_length is another score
-    assert len(scored) == 3
+    gsm8k = {"question": "What is 0 + 1?", "answer": "It is <<0+1=1>>1.\n#### 1"}  # another layout, other tokens
+    plain = {"prompt": [{"role": "user", "content": "What is 0 + 1?"}],  # the same example as the adapted one
+             "completion": [{"role": "assistant", "content": "It is 1.\n#### 1"}]}
+    select.completion_nll(model, tiny_tokenizer, [gsm8k], 1024, cache)
+    select.completion_nll(model, tiny_tokenizer, [plain], 1024, cache)
+    assert scored == [2, 2, 1]  # the second is the first, tokenized alike: a cache hit
 
 
 def test_zip_fit_and_kcenter_by_hand():

@@ -124,23 +124,26 @@ def near_duplicates(candidates: list[Candidate], threshold: float = 0.8, shingle
 
 # -- scores -----------------------------------------------------------------------------------------------------
 def completion_nll(model, tokenizer, records: list[dict], max_length: int, cache=None) -> np.ndarray:
-    """Mean NLL per completion token of each SFT record, through the training pipeline; with a ``KeyedCache`` of
-    the scorer, records scored before (by any method, in any file) are not scored again."""
+    """Mean NLL per completion token of each SFT record, through the training pipeline. With a ``KeyedCache`` of
+    the scorer, an example scored before (by any method, from any file or layout: the key is its tokens) is not
+    scored again."""
     import tempfile
 
-    from posttrain.evaluate.heldout import record_losses
+    from posttrain.evaluate.heldout import example_losses, sft_scoring_task
 
-    keys = [hashlib.sha256(json.dumps([r, max_length], sort_keys=True).encode()).hexdigest() for r in records]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "records.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        task = sft_scoring_task(tokenizer, str(path), None, max_length)
+        examples = task.build_dataset("eval", quiet=True)
+    if len(examples) != len(records):
+        raise UserError(f"data select: {len(records) - len(examples)} records have no completion tokens to score "
+                        f"within --max-length {max_length}; drop them with --min-tokens or raise --max-length")
+    keys = [hashlib.sha256(e.input_ids.tobytes() + e.weights.tobytes()).hexdigest() for e in examples]
     known = cache.entries if cache is not None else {}
     todo = [i for i, key in enumerate(keys) if key not in known]
     if todo:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "records.jsonl"
-            path.write_text("".join(json.dumps(records[i]) + "\n" for i in todo))
-            nll, tokens = record_losses((model, tokenizer), str(path), None, max_length)
-        if len(nll) != len(todo):
-            raise UserError(f"data select: {len(todo) - len(nll)} records have no completion tokens to score within "
-                            f"--max-length {max_length}; drop them with --min-tokens or raise --max-length")
+        nll, tokens = example_losses(model, task, [examples[i] for i in todo])
         new = {keys[i]: float(value) for i, value in zip(todo, (nll / tokens.clamp(min=1)).tolist())}
         if cache is not None:
             cache.put(new)

@@ -33,16 +33,25 @@ def loaded(model):
     return spec.model, spec.tokenizer
 
 
-@torch.no_grad()
 def record_losses(model, data: str, limit: int | None = 200, max_length: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, number of target tokens) of each record's gold completion, records in file order; ``model``
     is a spec or (model, tokenizer). Their ratio of sums is an SFT run's ``eval/loss`` (unit weights)."""
     model, tokenizer = loaded(model)
-    task = scoring_task("sft", tokenizer, {"train": data, "eval": data, "eval_limit": limit, "max_length": max_length})
-    examples, module = task.build_dataset("eval", quiet=True), task.module(model)
+    task = sft_scoring_task(tokenizer, data, limit, max_length)
+    return example_losses(model, task, task.build_dataset("eval", quiet=True))
+
+
+def sft_scoring_task(tokenizer, data: str, limit: int | None, max_length: int):
+    return scoring_task("sft", tokenizer, {"train": data, "eval": data, "eval_limit": limit, "max_length": max_length})
+
+
+@torch.no_grad()
+def example_losses(model, task, examples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, target tokens) of tokenized SFT ``examples``, through ``task``'s batching."""
+    module = task.module(model)
     was_training = model.training
     model.eval()
-    nll, tokens = [], []
+    nll, tokens = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
     try:
         for start in range(0, len(examples), 8):
             batch = task.collate(examples[start:start + 8]).to(task.device)
