@@ -142,14 +142,14 @@ def cell(estimate: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | dev loss | vs random | accuracy % | vs random (pp) | format % | truncated % |",
+    """Each metric with its 95% interval; beside it the paired difference from the random selection's model."""
+    lines = ["| method | dev loss | vs random | accuracy % | vs random (pp) | `#### N` format % | vs random (pp) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        diff = r.get("loss_diff")
-        acc_diff = r.get("accuracy_diff")
-        lines.append(f"| {r['method']} | {cell(r['loss'])} | {cell(diff) if diff else '-'} | "
-                     f"{cell(r['accuracy'], 100, 1)} | {cell(acc_diff, 100, 1) if acc_diff else '-'} | "
-                     f"{r['format']['value'] * 100:.1f} | {r['truncated']['value'] * 100:.1f} |")
+        diffs = [cell(r[k], *scale) if k in r else "-" for k, scale in
+                 (("loss_diff", (1.0, 3)), ("accuracy_diff", (100, 1)), ("format_diff", (100, 1)))]
+        lines.append(f"| {r['method']} | {cell(r['loss'])} | {diffs[0]} | {cell(r['accuracy'], 100, 1)} | {diffs[1]} | "
+                     f"{cell(r['format'], 100, 1)} | {diffs[2]} |")
     return "\n".join(lines)
 
 
