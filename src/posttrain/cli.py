@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Stopped as exc:
-        print(f"posttrain: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops; one says how to resume
+            print(f"posttrain: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact; run the same command again to resume", file=sys.stderr)

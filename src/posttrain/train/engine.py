@@ -99,7 +99,7 @@ class Engine:
         clock = time.perf_counter()
         window = {"tokens": 0, "start": clock}
         module.train()
-        with StopRequests() as stop:
+        with StopRequests(self.say) as stop:  # said by the main process only
             for step in range(start_step, self.total_steps):
                 loss, grad_norm, tokens, metrics = self.train_step(step, module, optimizer, state)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used

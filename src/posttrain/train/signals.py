@@ -16,7 +16,7 @@ AT_ONCE = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_han
 class StopRequests:
     """Within ``with``: remembers the first SIGTERM / SIGINT (``received``) and lets a second one act at once."""
 
-    def __init__(self, say=tqdm.write):
+    def __init__(self, say=lambda message: tqdm.write(f"posttrain: {message}")):
         self.say, self.received, self.previous = say, None, {}
 
     def __enter__(self) -> StopRequests:
@@ -28,7 +28,7 @@ class StopRequests:
         self.received = signal.Signals(signum).name
         for sig, action in AT_ONCE.items():
             signal.signal(sig, action)
-        self.say(f"posttrain: {self.received} received: stopping after this optimizer step with a checkpoint "
+        self.say(f"{self.received} received: stopping after this optimizer step with a checkpoint "
                  "(send it again to stop at once)")
 
     def __exit__(self, *exc) -> None:
