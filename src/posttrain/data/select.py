@@ -207,9 +207,12 @@ def deita_scores(model, tokenizer, candidates: list[Candidate], batch_size: int 
     values = np.arange(1, 7, dtype=np.float64)
 
     def expected(texts: list[str]) -> np.ndarray:
-        probs = [choice_probs(model, tokenizer, texts[i:i + batch_size], digits, add_special_tokens=True)
-                 for i in range(0, len(texts), batch_size)]
-        return np.concatenate([p.double().numpy() for p in probs]) @ values
+        order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar lengths: little padding
+        probs = [choice_probs(model, tokenizer, [texts[j] for j in order[i:i + batch_size]], digits,
+                              add_special_tokens=True) for i in range(0, len(texts), batch_size)]
+        scores = np.empty(len(texts))
+        scores[order] = np.concatenate([p.double().numpy() for p in probs]) @ values
+        return scores
 
     complexity = expected([DEITA_COMPLEXITY.format(instruction=c.prompt) for c in candidates])
     quality = expected([DEITA_QUALITY.format(instruction=c.prompt, output=c.completion) for c in candidates])
