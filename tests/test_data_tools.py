@@ -243,15 +243,16 @@ def test_deita_scores_are_expectations_over_1_to_6_and_the_filter_skips_near_cop
     from posttrain.models import load_model
 
     model = load_model(str(tiny_model_dir)).double().eval()
-    cands = candidates_of([("What is 2 + 2?", "4"), ("Prove Fermat's last theorem.", "It is long.")])
+    cands = candidates_of([("Prove Fermat's last theorem.", "It is long."), ("What is 2 + 2?", "4")])  # longest first
     complexity, quality = deita_scores(model, tiny_tokenizer, cands)
     assert ((complexity > 1) & (complexity < 6)).all() and ((quality > 1) & (quality < 6)).all()
-    ids = tiny_tokenizer(DEITA_COMPLEXITY.format(instruction=cands[0].prompt))["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, -1]
     digits = [tiny_tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(1, 7)]
-    expected = float(torch.softmax(logits[digits].double(), -1) @ torch.arange(1, 7, dtype=torch.float64))
-    assert complexity[0] == pytest.approx(expected, rel=1e-9)
+    for i, cand in enumerate(cands):  # each score lands on its own record, whatever order the batches took
+        ids = tiny_tokenizer(DEITA_COMPLEXITY.format(instruction=cand.prompt))["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        expected = float(torch.softmax(logits[digits].double(), -1) @ torch.arange(1, 7, dtype=torch.float64))
+        assert complexity[i] == pytest.approx(expected, rel=1e-9)
     vectors = np.array([[1.0, 0.0], [0.99, 0.141], [0.0, 1.0], [0.6, 0.8]])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     assert diverse_in_order(vectors, [0, 1, 2, 3], budget=3, similarity=0.9) == [0, 2, 3]  # 1 is a near copy of 0
