@@ -98,7 +98,8 @@ def check_free_space(root: Path, needed: int) -> str | None:
     if free >= needed * 1.1:
         return None
     return (f"not enough free disk for a checkpoint under {root}: it needs about {needed / 2**30:.2f} GiB and "
-            f"{free / 2**30:.2f} GiB are free; free some space (or lower train.save_total_limit) and run the same "
+            f"{free / 2**30:.2f} GiB are free; free some space (older checkpoints are pruned only after a new one is "
+            "written) and run the same "
             "command again to resume from the last checkpoint")
 
 
