@@ -43,31 +43,44 @@ def posttrain(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def logged_steps(out) -> int:
+    log = out / "metrics.jsonl"
+    return log.read_text().count("\n") if log.exists() else 0
+
+
 def kill_loop(command: str, tmp_path, model_dir, kills: int, seed: int) -> list[str]:
-    """Run straight through, then run again killed ``kills`` times at random moments and resumed until done;
-    returns what each kill interrupted."""
+    """Run straight through, then run again killed ``kills`` times and resumed until done; returns what each kill
+    interrupted. Each kill waits for a random step not yet done (or the run's start-up, one time in eight), then a
+    random part of a step's time, so kills land in start-up, mid-step, mid-checkpoint (every step saves) and
+    mid-evaluation, and after the last step while ``final/`` is written."""
     overrides = family_overrides(command, tmp_path)
     started = time.perf_counter()
     straight = posttrain([command, str(write_recipe(tmp_path, model_dir, tmp_path / "straight", overrides))])
     assert straight.wait() == 0, straight.stderr.read()[-2000:]
-    duration = time.perf_counter() - started
-    recipe = write_recipe(tmp_path, model_dir, tmp_path / "killed", overrides)
-    root = tmp_path / "killed" / "checkpoints"
+    steps = logged_steps(tmp_path / "straight")
+    step_time = (time.perf_counter() - started) / steps
+    out = tmp_path / "killed"
+    recipe = write_recipe(tmp_path, model_dir, out, overrides)
+    root = out / "checkpoints"
     rng, hits, finished = random.Random(seed), [], 0
     while len(hits) < kills:
         run = posttrain([command, str(recipe)])
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        target = 0 if rng.random() < 1 / 8 else rng.randint(min(logged_steps(out) + 1, steps), steps)
+        while target and logged_steps(out) < target and run.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 1.0) * step_time)
         if run.poll() is not None:  # it finished first: start over from scratch, to have something to kill
             assert run.returncode == 0, run.stderr.read()[-2000:]
             finished += 1
             assert finished <= 3 * kills
-            shutil.rmtree(tmp_path / "killed")
+            shutil.rmtree(out)
             continue
         run.kill()
         run.wait()
-        steps = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.exists() else []
+        saved = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.exists() else []
         staging = bool(list(root.glob(".step-*.tmp"))) if root.exists() else False
-        hits.append(f"killed at checkpoint {steps[-1] if steps else 0}" + (" while writing one" if staging else ""))
+        hits.append(f"after step {logged_steps(out)}, checkpoint {saved[-1] if saved else 0}"
+                    + (" while writing one" if staging else ""))
     final = posttrain([command, str(recipe)])
     assert final.wait() == 0, final.stderr.read()[-2000:]
     assert_weights_close(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"), atol=1e-6)
