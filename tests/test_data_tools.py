@@ -27,10 +27,10 @@ def test_inspect_counts_truncation_as_training_would(tiny_model_dir, tiny_tokeni
     recipe = load_recipe("sft", None, [f"model={tiny_model_dir}", f"output_dir={tmp_path}", f"data.train={GSM8K}",
                                        "data.limit=300", "data.max_length=200"])
     task = SFTTask(recipe, tiny_tokenizer)
-    task.build_dataset("train", quiet=True)
+    trained = task.build_dataset("train", quiet=True).summary
     assert report["formats"] == {"sft": 300} and report["errors"] == []
-    assert report["truncated"] == task.report["truncated"] + task.report["dropped"]
-    assert report["prompt_too_long"] == task.report["dropped"] > 0 and task.report["truncated"] > 0
+    assert report["truncated"] == trained["truncated"] + trained["dropped"]
+    assert report["prompt_too_long"] == trained["dropped"] > 0 and trained["truncated"] > 0
     lengths = report["lengths"]
     assert lengths["total"]["n"] == 300 and sum(lengths["total"]["histogram"]["counts"]) == 300
     assert lengths["prompt"]["mean"] + lengths["completion"]["mean"] == lengths["total"]["mean"]

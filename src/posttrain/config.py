@@ -57,6 +57,9 @@ class DataConfig(Section):
     assistant_only_loss: bool = Field(True, description="train only on assistant / completion tokens")
     limit: int | None = Field(None, gt=0, description="use only the first N training records")
     eval_limit: int | None = Field(None, gt=0, description="use only the first N eval records")
+    num_proc: int | None = Field(
+        None, gt=0, description="worker processes that tokenize a file; null: one per core for files of 32 MB or more"
+    )
 
     def sources(self, which: Literal["train", "eval"]) -> list[DataSource]:
         value = getattr(self, which)

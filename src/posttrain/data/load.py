@@ -9,8 +9,11 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from posttrain.errors import DataError, UserError
 
@@ -155,36 +158,38 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parque
 
 
 def load_sources(sources, seed: int = 0, limit: int | None = None, label: str | None = None) -> list[tuple[str, str, dict]]:
-    """All records of a data mixture as ``(path, location, record)``, adapters applied.
-
-    A source's ``weight`` repeats it (2.0) or keeps a seeded random fraction of it (0.5). A ``limit`` over several
-    sources keeps their proportions (each source's first records, sized by largest remainder), instead of cutting
-    the later sources off. With several sources the realised mixture is printed (under ``label``).
-    """
-    import random
-
+    """All records of a data mixture as ``(path, location, record)``, adapters applied (see :func:`mixture`)."""
     from posttrain.data.adapters import adapt
 
-    parts: list[list[tuple[str, str, dict]]] = []
+    records = [[(source.path, where, adapt(source.adapter, record, source.path, where))
+                for where, record in read_records(source.path, source.limit)] for source in sources]
+    parts = mixture(sources, [len(r) for r in records], seed, limit, label or "data")
+    return [records[k][i] for k, part in enumerate(parts) for i in part.tolist()]
+
+
+def mixture(sources, sizes: list[int], seed: int, limit: int | None, label: str | None = None) -> list[np.ndarray]:
+    """Which records of each source a data mixture uses, in order: a source's ``weight`` repeats it (2.0) or keeps a
+    seeded random fraction of it (0.5). A ``limit`` over several sources keeps their proportions (each source's first
+    records, sized by largest remainder), instead of cutting the later sources off. With several sources the
+    realised mixture is printed (under ``label``)."""
     rng = random.Random(seed)
-    for source in sources:
-        records = [(source.path, where, adapt(source.adapter, record, source.path, where))
-                   for where, record in read_records(source.path, source.limit)]
+    parts = []
+    for source, size in zip(sources, sizes):
         whole, fraction = divmod(source.weight, 1.0)
-        mixed = records * int(whole)
+        part = np.tile(np.arange(size, dtype=np.int64), int(whole))
         if fraction:
-            mixed += rng.sample(records, round(fraction * len(records)))
-        parts.append(mixed)
+            part = np.concatenate([part, np.asarray(rng.sample(range(size), round(fraction * size)), np.int64)])
+        parts.append(part)
     total = sum(len(p) for p in parts)
     if not total:
         raise UserError(f"no records in {', '.join(s.path for s in sources)}")
     if limit and limit < total:
         parts = [part[:k] for part, k in zip(parts, _proportional(limit, [len(p) for p in parts]))]
-    out = [record for part in parts for record in part]
-    if len(sources) > 1:
-        shares = "; ".join(f"{s.path} x{s.weight:g} -> {len(p)} ({len(p) / len(out):.1%})" for s, p in zip(sources, parts))
-        print(f"{label or 'data'} mixture: {shares}", flush=True)
-    return out
+        total = limit
+    if len(sources) > 1 and label is not None:
+        shares = "; ".join(f"{s.path} x{s.weight:g} -> {len(p)} ({len(p) / total:.1%})" for s, p in zip(sources, parts))
+        print(f"{label} mixture: {shares}", flush=True)
+    return parts
 
 
 def _proportional(limit: int, sizes: list[int]) -> list[int]:
@@ -196,13 +201,3 @@ def _proportional(limit: int, sizes: list[int]) -> list[int]:
     for i in by_remainder[: limit - sum(counts)]:
         counts[i] += 1
     return counts
-
-
-def split_records(recipe, which: str) -> list[tuple[str, str, dict]]:
-    """The records of ``data.train`` or ``data.eval`` (none when the recipe has no such split)."""
-    data = recipe.data
-    sources = data.sources(which)
-    if not sources:
-        return []
-    return load_sources(sources, seed=recipe.train.seed, limit=data.limit if which == "train" else data.eval_limit,
-                        label=f"data.{which}")

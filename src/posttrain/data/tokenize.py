@@ -138,14 +138,16 @@ def _tokenize_plain(example: SFTExample, tokenizer, assistant_only: bool) -> tup
 
 class ExampleTokenizer:
     """Tokenizes parsed examples with the recipe's data settings; the chat formatter is built on first need,
-    so plain-text data works with tokenizers that have no chat template."""
+    so plain-text data works with tokenizers that have no chat template. Holds only the settings it reads (they
+    key the tokenized-data cache, see :mod:`posttrain.data.store`)."""
 
     def __init__(self, tokenizer, data_cfg, assistant_only: bool = True):
-        self.tokenizer, self.data, self.assistant_only = tokenizer, data_cfg, assistant_only
-        self.formatter: ChatFormatter | None = None
+        self.tokenizer, self.assistant_only = tokenizer, assistant_only
+        self.max_length, self.truncation, self.chat_template = data_cfg.max_length, data_cfg.truncation, data_cfg.chat_template
+        self._formatter: ChatFormatter | None = None
 
     def __call__(self, example: SFTExample) -> TokenizedExample | None:
-        if example.messages is not None and self.formatter is None:
-            self.formatter = ChatFormatter(self.tokenizer, self.data.chat_template)
-        return tokenize_sft(example, self.tokenizer, self.formatter, self.data.max_length, self.data.truncation,
+        if example.messages is not None and self._formatter is None:
+            self._formatter = ChatFormatter(self.tokenizer, self.chat_template)
+        return tokenize_sft(example, self.tokenizer, self._formatter, self.max_length, self.truncation,
                             self.assistant_only)

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
+from posttrain.cache import cache_root, digest_files
 from posttrain.rollout.backend import SamplingSettings
 
 FINGERPRINTED = ("*.safetensors", "*.bin", "*.gguf", "config.json", "adapter_config.json", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
 
 
 def fingerprint(path: str) -> str:
@@ -35,21 +31,7 @@ def fingerprint(path: str) -> str:
         base = json.loads((root / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if base and Path(base).is_dir():
             files += sorted({f for pattern in FINGERPRINTED for f in Path(base).glob(pattern) if f.is_file()})
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    memo_file = cache_root() / "fingerprints.json"
-    memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
-    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-    if key not in memo:
-        digest = hashlib.sha256()
-        for f in files:
-            digest.update(f.name.encode())
-            with open(f, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-        memo[key] = digest.hexdigest()
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        memo_file.write_text(json.dumps(memo))
-    return memo[key]
+    return digest_files(files)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import torch
@@ -45,8 +46,9 @@ def run(command: str, recipe: Recipe) -> dict:
         path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(path, recipe.trust_remote_code)
     task = COMMANDS[command].task_class()(recipe, tokenizer)
-    train_examples = task.build_dataset("train", quiet=quiet)
-    eval_examples = task.build_dataset("eval", quiet=quiet)
+    with accelerator.main_process_first():  # the main process tokenizes into the cache, the others read it
+        train_examples = task.build_dataset("train", quiet=quiet)
+        eval_examples = task.build_dataset("eval", quiet=quiet)
 
     model = task.load_model(path)
     if hasattr(model, "peft_config"):  # starting from an adapter run (e.g. DPO after LoRA SFT): train on the merged model
@@ -58,7 +60,8 @@ def run(command: str, recipe: Recipe) -> dict:
         raise UserError(f"peft.method: {recipe.peft.method} prepends virtual tokens to every row, which packed rows "
                         "cannot share; set train.packing: false")
     if needs_data_init(model):
-        initialize_eva(model, task.tokenizer.pad_token_id, task.adapter_init_examples(train_examples), recipe.train.batch_size)
+        size = recipe.train.batch_size
+        initialize_eva(model, task.tokenizer.pad_token_id, task.adapter_init_examples(train_examples), size)
     if recipe.train.precision == "fp64":  # after adapter set-up: PiSSA / OLoRA initialize only in 32 bits or fewer
         model.double()
     if not quiet:
@@ -71,15 +74,19 @@ def run(command: str, recipe: Recipe) -> dict:
         task.close()
 
 
-def initialize_eva(model, pad: int, examples, batch_size: int, max_batches: int = 16) -> None:
+EVA_BATCHES = 16  # batches of training sequences EVA's SVD sees
+
+
+def initialize_eva(model, pad: int, examples, batch_size: int) -> None:
     """EVA (Paischer et al., 2024): LoRA A matrices from the SVD of layer inputs on training sequences
     (each task says which: SFT examples, preferred completions, desirable ones, best-ranked ones)."""
     from peft import initialize_lora_eva_weights
 
     from posttrain.data.batching import collate
 
+    examples = list(itertools.islice(examples, batch_size * EVA_BATCHES))  # read lazily: the data may be huge
     batches = []
-    for start in range(0, min(len(examples), batch_size * max_batches), batch_size):
+    for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad, packing=False)
         batches.append({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
     with torch.no_grad():

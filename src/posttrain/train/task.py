@@ -86,7 +86,7 @@ class OfflineTask:
     name = "offline"
     recipe = None
     accelerator = None
-    example_sources: dict[int, str] | None = None  # training example index -> its file, where tasks track it
+    sourced = None  # the training Examples (each knows its file), where tasks track them
     drawn: list[int] | None = None  # training example indices drawn since the mixture was last logged
     empty_steps_allowed = False
     progress: dict[str, str] = {}
@@ -117,21 +117,20 @@ class OfflineTask:
         self.accelerator = accelerator
 
     # -- the data of one step ---------------------------------------------------------------------
-    def track_source(self, which: str, index: int, path: str) -> None:
-        """Note the training file example ``index`` of split ``which`` came from (for the logged mixture)."""
+    def track_sources(self, which: str, examples) -> None:
+        """Note where the training examples came from (for the logged mixture)."""
         if which == "train":
-            self.example_sources = self.example_sources or {}
-            self.example_sources[index] = path
+            self.sourced = examples
 
     def data_mixture(self) -> dict[str, float]:
-        sources, drawn = self.example_sources or {}, self.drawn or []
+        examples, drawn = self.sourced, self.drawn or []
         self.drawn = []
-        names = source_names(set(sources.values()))
+        names = source_names(set(examples.paths)) if examples is not None else {}
         if len(names) < 2 or not drawn:
             return {}
         counts = dict.fromkeys(names.values(), 0)
         for i in drawn:
-            counts[names[sources[i]]] += 1
+            counts[names[examples.source(i)]] += 1
         return {f"data/share/{name}": count / len(drawn) for name, count in counts.items()}
 
     def step_indices(self, step: int, num_examples: int) -> list[int]:

@@ -8,14 +8,15 @@ frozen copy of the initial policy, or a cache computed once before training.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from posttrain.data.batching import Batch, collate
 from posttrain.data.formats import parse_preference
-from posttrain.data.load import split_records
+from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.errors import DataError, UserError
 from posttrain.objectives.pairwise import PAIRWISE, Pair, check_pairwise, dft_log_partition, dft_scores, implicit_rewards, pairwise_loss
@@ -82,6 +83,20 @@ def _side_stats(module, pair_batch: PairBatch) -> dict[str, torch.Tensor]:
             for side, part in (("chosen", slice(None, half)), ("rejected", slice(half, 2 * half)))}
 
 
+class PairEncoder(Encoder):
+    """A preference record -> chosen and rejected sequences (and the gold answer, for TPO)."""
+
+    def __init__(self, tokenize: ExampleTokenizer, needs_gold: bool, names: list[str]):
+        self.tokenize, self.needs_gold, self.names = tokenize, needs_gold, names
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        example = parse_preference(path, where, record)
+        if self.needs_gold and example.gold is None:
+            raise DataError(path, where, "gold", f"missing: loss {self.names} trains on a gold answer (TRL's 'reference')")
+        sides = [self.tokenize(side) for side in (example.chosen, example.rejected) + ((example.gold,) if self.needs_gold else ())]
+        return ([], 1) if None in sides else ([Encoded(sides)], 0)
+
+
 class PreferenceTask(OfflineTask):
     name = "dpo"
 
@@ -105,34 +120,22 @@ class PreferenceTask(OfflineTask):
         self.reference = Reference(recipe, self.needs_reference, self.names)
 
     # -- data ---------------------------------------------------------------------------------
-    def build_dataset(self, which: str, quiet: bool = False) -> list[PairExample]:
-        data = self.recipe.data
-        records = split_records(self.recipe, which)
-        if not records:
-            return []
-        pairs, truncated, dropped = [], 0, 0
-        for path, where, record in tqdm(records, desc=f"tokenizing {which}", disable=quiet or len(records) < 2000):
-            example = parse_preference(path, where, record)
-            if self.needs_gold and example.gold is None:
-                raise DataError(path, where, "gold", f"missing: loss {self.names} trains on a gold answer (TRL's 'reference')")
-            sides = [self.tokenize(side) for side in (example.chosen, example.rejected) + ((example.gold,) if self.needs_gold else ())]
-            if None in sides:
-                dropped += 1
-                continue
-            truncated += any(s.truncated for s in sides)
-            self.track_source(which, len(pairs), path)
-            pairs.append(PairExample(sides[0], sides[1], len(pairs), which, sides[2] if self.needs_gold else None))
-        if not pairs:
-            raise UserError(f"data.{which}: every pair was dropped (too long for data.max_length={data.max_length})")
-        if not quiet:
-            tokens = sum(len(ids) for p in pairs for ids in p.token_ids())
-            print(f"data.{which}: {len(records)} records -> {len(pairs)} pairs, {tokens:,} tokens; "
-                  f"truncated {truncated} ({data.truncation}), dropped {dropped}", flush=True)
+    def build_dataset(self, which: str, quiet: bool = False):
+        pairs = load_examples(self.recipe, which, PairEncoder(self.tokenize, self.needs_gold, self.names),
+                              lambda sides, extra, index: PairExample(sides[0], sides[1], index, which,
+                                                                      sides[2] if len(sides) > 2 else None), quiet)
+        if not pairs and self.recipe.data.sources(which):
+            raise UserError(f"data.{which}: every pair was dropped (too long for data.max_length={self.recipe.data.max_length})")
+        self.track_sources(which, pairs)
+        if pairs and not quiet:
+            r = pairs.summary
+            print(f"data.{which}: {r['records']} records -> {r['examples']} pairs, {r['tokens']:,.0f} tokens; "
+                  f"truncated {r['truncated']:.0f} ({self.recipe.data.truncation}), dropped {r['dropped']}", flush=True)
         return pairs
 
-    def adapter_init_examples(self, pairs: list[PairExample]) -> list[TokenizedExample]:
+    def adapter_init_examples(self, pairs: Sequence[PairExample]) -> Iterable[TokenizedExample]:
         """EVA initializes from the prompts with their preferred completions."""
-        return [p.chosen for p in pairs]
+        return (p.chosen for p in pairs)
 
     def collate(self, pairs: list[PairExample]) -> PairBatch:
         train = self.recipe.train

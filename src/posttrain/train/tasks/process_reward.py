@@ -9,16 +9,17 @@ default: one wrong step spoils a solution, as in Lightman et al., 2023 and Wang 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from posttrain.data.batching import Batch, collate
 from posttrain.data.formats import StepsExample, parse_steps
-from posttrain.data.load import split_records
+from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.errors import UserError
 from posttrain.train.forward import HeadOutputs
@@ -63,6 +64,36 @@ def tokenize_steps(example: StepsExample, tokenizer, separator: str, max_prompt_
     return ids, positions, labels
 
 
+class StepsEncoder(Encoder):
+    """A step-labelled solution -> its tokens with a target at each labeled separator, and the labels."""
+
+    tallies = ("steps", "correct")
+
+    def __init__(self, tokenizer, separator: str, max_prompt_length: int | None, last_only: bool, max_length: int):
+        self.tokenizer, self.separator, self.max_prompt_length = tokenizer, separator, max_prompt_length
+        self.last_only, self.max_length = last_only, max_length
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        ids, positions, labels = tokenize_steps(parse_steps(path, where, record), self.tokenizer, self.separator,
+                                                self.max_prompt_length, self.last_only)
+        truncated = len(ids) > self.max_length
+        if truncated:
+            ids = ids[: self.max_length]
+            kept = [k for k, p in enumerate(positions) if p < self.max_length]
+            positions, labels = [positions[k] for k in kept], [labels[k] for k in kept]
+        if not positions or positions[0] == 0:
+            return [], 1
+        weights = np.zeros(len(ids), np.float32)
+        weights[positions] = 1.0  # collate's target t + 1 is the separator: the head reads it
+        tokens = TokenizedExample(np.asarray(ids, np.int64), weights, truncated)
+        return [Encoded([tokens], {"labels": labels}, {"steps": len(labels), "correct": sum(labels)})], 0
+
+
+def labeled_steps(sequences: list[TokenizedExample], extra: dict, index: int) -> LabeledSteps:
+    sequences[0].index = index
+    return LabeledSteps(sequences[0], np.asarray(extra["labels"], np.int64))
+
+
 class ProcessRewardTask(ClassifierTask):
     name = "prm"
     peft_task_type = "TOKEN_CLS"
@@ -75,41 +106,24 @@ class ProcessRewardTask(ClassifierTask):
         self.cfg = recipe.prm
 
     # -- data ---------------------------------------------------------------------------------
-    def build_dataset(self, which: str, quiet: bool = False) -> list[LabeledSteps]:
-        records = split_records(self.recipe, which)
-        if not records:
-            return []
-        out, truncated, dropped = [], 0, 0
+    def build_dataset(self, which: str, quiet: bool = False):
         last_only = self.cfg.train_on_last_step_only and which == "train"  # held-out data keeps every step's label
-        for path, where, record in tqdm(records, desc=f"tokenizing {which}", disable=quiet or len(records) < 2000):
-            example = parse_steps(path, where, record)
-            ids, positions, labels = tokenize_steps(example, self.tokenizer, self.cfg.step_separator,
-                                                    self.cfg.max_prompt_length, last_only)
-            limit = self.recipe.data.max_length
-            if len(ids) > limit:
-                truncated += 1
-                ids = ids[:limit]
-                kept = [k for k, p in enumerate(positions) if p < limit]
-                positions, labels = [positions[k] for k in kept], [labels[k] for k in kept]
-            if not positions or positions[0] == 0:
-                dropped += 1
-                continue
-            weights = np.zeros(len(ids), np.float32)
-            weights[positions] = 1.0  # collate's target t + 1 is the separator: the head reads it
-            self.track_source(which, len(out), path)
-            out.append(LabeledSteps(TokenizedExample(np.asarray(ids, np.int64), weights, index=len(out)),
-                                    np.asarray(labels, np.int64)))
-        if not out:
+        encoder = StepsEncoder(self.tokenizer, self.cfg.step_separator, self.cfg.max_prompt_length, last_only,
+                               self.recipe.data.max_length)
+        out = load_examples(self.recipe, which, encoder, labeled_steps, quiet)
+        if not out and self.recipe.data.sources(which):
             raise UserError(f"data.{which}: no record has a labeled step within data.max_length={self.recipe.data.max_length}")
+        if not out:
+            return out
+        self.track_sources(which, out)
         if not quiet:
-            steps = sum(len(e.labels) for e in out)
-            correct = sum(int(e.labels.sum()) for e in out)
-            print(f"data.{which}: {len(records)} records -> {len(out)} solutions, {steps} labeled steps "
-                  f"({correct / steps:.0%} correct); truncated {truncated}, dropped {dropped}", flush=True)
+            r = out.summary
+            print(f"data.{which}: {r['records']} records -> {len(out)} solutions, {r['steps']:.0f} labeled steps "
+                  f"({r['correct'] / r['steps']:.0%} correct); truncated {r['truncated']:.0f}, dropped {r['dropped']}", flush=True)
         return out
 
-    def adapter_init_examples(self, examples: list[LabeledSteps]) -> list[TokenizedExample]:
-        return [e.tokens for e in examples]
+    def adapter_init_examples(self, examples: Sequence[LabeledSteps]) -> Iterable[TokenizedExample]:
+        return (e.tokens for e in examples)
 
     def collate(self, examples: list[LabeledSteps]) -> StepsBatch:
         train = self.recipe.train

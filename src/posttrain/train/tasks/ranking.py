@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from posttrain.data.batching import Batch, collate
 from posttrain.data.formats import parse_ranked
-from posttrain.data.load import split_records
+from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.errors import UserError
 from posttrain.objectives.ranking import check_ranking, ranking_loss
@@ -58,6 +59,22 @@ def ranked_stats(module, batch: RankedBatch) -> dict[str, torch.Tensor]:
     return {"logps": batch.grid(logps), "lengths": batch.grid(lengths)}
 
 
+class RankedEncoder(Encoder):
+    """A ranked record -> one sequence per response, with their scores."""
+
+    tallies = ("max_width",)
+
+    def __init__(self, tokenize: ExampleTokenizer):
+        self.tokenize = tokenize
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        ranked = parse_ranked(path, where, record)
+        responses = [self.tokenize(response) for response in ranked.responses]
+        if None in responses:
+            return [], 1
+        return [Encoded(responses, {"scores": list(ranked.scores)}, {"max_width": len(responses)})], 0
+
+
 class RankingTask(OfflineTask):
     name = "rank"
 
@@ -69,31 +86,23 @@ class RankingTask(OfflineTask):
         self.tokenize = ExampleTokenizer(tokenizer, recipe.data)
         self.width: dict[str, int] = {}  # the largest K of each split: the cache's grid width
 
-    def build_dataset(self, which: str, quiet: bool = False) -> list[RankedItem]:
-        data = self.recipe.data
-        records = split_records(self.recipe, which)
-        if not records:
-            return []
-        items, dropped = [], 0
-        for path, where, record in tqdm(records, desc=f"tokenizing {which}", disable=quiet or len(records) < 2000):
-            ranked = parse_ranked(path, where, record)
-            responses = [self.tokenize(response) for response in ranked.responses]
-            if None in responses:
-                dropped += 1
-                continue
-            self.track_source(which, len(items), path)
-            items.append(RankedItem(responses, ranked.scores, len(items), which))
+    def build_dataset(self, which: str, quiet: bool = False):
+        items = load_examples(self.recipe, which, RankedEncoder(self.tokenize),
+                              lambda responses, extra, index: RankedItem(responses, extra["scores"], index, which), quiet)
+        if not items and self.recipe.data.sources(which):
+            raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={self.recipe.data.max_length})")
         if not items:
-            raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={data.max_length})")
-        self.width[which] = max(len(i.responses) for i in items)
+            return items
+        self.track_sources(which, items)
+        self.width[which] = int(items.summary["max_width"])
         if not quiet:
-            print(f"data.{which}: {len(records)} records -> {len(items)} ranked lists of up to {self.width[which]} "
-                  f"responses, dropped {dropped}", flush=True)
+            print(f"data.{which}: {items.summary['records']} records -> {len(items)} ranked lists of up to "
+                  f"{self.width[which]} responses, dropped {items.summary['dropped']}", flush=True)
         return items
 
-    def adapter_init_examples(self, items: list[RankedItem]) -> list[TokenizedExample]:
+    def adapter_init_examples(self, items: Sequence[RankedItem]) -> Iterable[TokenizedExample]:
         """EVA initializes from the prompts with their best-scored responses."""
-        return [item.responses[max(range(len(item.scores)), key=item.scores.__getitem__)] for item in items]
+        return (item.responses[max(range(len(item.scores)), key=item.scores.__getitem__)] for item in items)
 
     def collate(self, items: list[RankedItem]) -> RankedBatch:
         train = self.recipe.train

@@ -14,17 +14,18 @@ reward weights and the reward mean / std measured on the held-out data (for late
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from posttrain.data.batching import Batch, collate
 from posttrain.data.formats import parse_rated
-from posttrain.data.load import split_records
+from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.errors import UserError
 from posttrain.objectives.reward import bradley_terry
@@ -129,6 +130,24 @@ class ClassifierTask(OfflineTask):
         """Write what later users of the model need into ``model.config``."""
 
 
+class RatedEncoder(Encoder):
+    """A pair or a rated completion -> its sequences (scored at the last token) with ratings and margin."""
+
+    tallies = ("pairs", "rated")
+
+    def __init__(self, tokenize: ExampleTokenizer, objectives: list[str]):
+        self.tokenize, self.objectives = tokenize, objectives
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        rated = parse_rated(path, where, record, self.objectives)
+        sequences = [self.tokenize(c) for c in rated.completions]
+        if None in sequences:
+            return [], 1
+        ratings = [[r.get(name) for name in self.objectives] or [None] for r in rated.ratings]
+        tally = {"pairs": float(len(sequences) == 2), "rated": float(any(v is not None and math.isfinite(v) for row in ratings for v in row))}
+        return [Encoded([last_token_only(s) for s in sequences], {"ratings": ratings, "margin": rated.margin}, tally)], 0
+
+
 class RewardModelTask(ClassifierTask):
     name = "rm"
     peft_task_type = "SEQ_CLS"
@@ -148,43 +167,35 @@ class RewardModelTask(ClassifierTask):
         return max(len(self.objectives), 1)
 
     # -- data ---------------------------------------------------------------------------------
-    def build_dataset(self, which: str, quiet: bool = False) -> list[RewardExample]:
-        records = split_records(self.recipe, which)
-        if not records:
-            return []
-        out, truncated, dropped = [], 0, 0
-        for path, where, record in tqdm(records, desc=f"tokenizing {which}", disable=quiet or len(records) < 2000):
-            rated = parse_rated(path, where, record, self.objectives)
-            sequences = [self.tokenize(c) for c in rated.completions]
-            if None in sequences:
-                dropped += 1
-                continue
-            truncated += any(s.truncated for s in sequences)
-            ratings = np.array([[r.get(name, np.nan) for name in self.objectives] or [np.nan] for r in rated.ratings])
-            self.track_source(which, len(out), path)
-            out.append(RewardExample([last_token_only(s) for s in sequences], ratings, rated.margin, len(out)))
-        if not out:
+    def build_dataset(self, which: str, quiet: bool = False):
+        out = load_examples(self.recipe, which, RatedEncoder(self.tokenize, self.objectives), self.example, quiet)
+        if not out and self.recipe.data.sources(which):
             raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={self.recipe.data.max_length})")
+        if not out:
+            return out
+        self.track_sources(which, out)
+        r = out.summary
         if not quiet:
-            pairs = sum(e.is_pair for e in out)
-            tokens = sum(len(s.input_ids) for e in out for s in e.sequences)
-            print(f"data.{which}: {len(records)} records -> {pairs} pairs, {len(out) - pairs} rated completions, "
-                  f"{tokens:,} tokens; truncated {truncated} ({self.recipe.data.truncation}), dropped {dropped}", flush=True)
+            print(f"data.{which}: {r['records']} records -> {r['pairs']:.0f} pairs, {len(out) - r['pairs']:.0f} rated "
+                  f"completions, {r['tokens']:,.0f} tokens; truncated {r['truncated']:.0f} ({self.recipe.data.truncation}), "
+                  f"dropped {r['dropped']}", flush=True)
         if which == "train":
-            self.check_supervision(out)
+            self.check_supervision(rated=r["rated"] > 0, pairs=r["pairs"] > 0)
         return out
 
-    def check_supervision(self, examples: list[RewardExample]) -> None:
-        rated = any(np.isfinite(e.ratings).any() for e in examples)
-        pairs = any(e.is_pair for e in examples)
+    def example(self, sequences: list[TokenizedExample], extra: dict, index: int) -> RewardExample:
+        ratings = np.array([[np.nan if v is None else v for v in row] for row in extra["ratings"]], dtype=np.float64)
+        return RewardExample(sequences, ratings, extra["margin"], index)
+
+    def check_supervision(self, rated: bool, pairs: bool) -> None:
         if self.cfg.weighting == "learned" and not pairs:
             raise UserError("rm.weighting: learned learns the weights from preference pairs; the training data has none")
         if self.objectives and not rated:
             raise UserError(f"rm.objectives: no training record rates {', '.join(self.objectives)} "
                             "(ratings / chosen_ratings / rejected_ratings)")
 
-    def adapter_init_examples(self, examples: list[RewardExample]) -> list[TokenizedExample]:
-        return [e.sequences[0] for e in examples]
+    def adapter_init_examples(self, examples: Sequence[RewardExample]) -> Iterable[TokenizedExample]:
+        return (e.sequences[0] for e in examples)
 
     def collate(self, examples: list[RewardExample]) -> RewardBatch:
         train = self.recipe.train

@@ -10,12 +10,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from posttrain.data.batching import Batch
 from posttrain.data.formats import RecordChecker
-from posttrain.data.load import split_records
-from posttrain.data.tokenize import ChatFormatter
+from posttrain.data.store import Encoded, Encoder, load_examples
+from posttrain.data.tokenize import ChatFormatter, TokenizedExample
 from posttrain.errors import UserError
 from posttrain.evaluate.stats import wilson_interval
 from posttrain.rollout.backend import SamplingSettings, TransformersBackend
@@ -32,6 +33,67 @@ class PromptExample:
     conversation: str | list[dict] = ""  # what reward models see: chat messages, or the raw prompt text
 
 
+class PromptEncoder(Encoder):
+    """A prompt record -> the rendered prompt's token ids (kept from the left up to ``max_length``), with what reward
+    functions and reward models read: the prompt text, the record's other fields, the conversation."""
+
+    def __init__(self, tokenizer, chat_template: str | None, chat: bool, tool: str, tool_instructions: str | None,
+                 few_shot: list[dict], max_length: int):
+        self.tokenizer, self.chat_template, self.chat = tokenizer, chat_template, chat
+        self.tool, self.tool_instructions, self.few_shot, self.max_length = tool, tool_instructions, few_shot, max_length
+        self._formatter = None
+
+    @property
+    def formatter(self) -> ChatFormatter | None:
+        if self.chat and self._formatter is None:
+            self._formatter = ChatFormatter(self.tokenizer, self.chat_template)
+        return self._formatter
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        check = RecordChecker(path, where, record)
+        prompt = self.with_context(check.text_or_messages("prompt", "user"))
+        if isinstance(prompt, str):
+            text = self.formatter.render([user_message(prompt)], add_generation_prompt=True) if self.formatter else prompt
+            shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
+        else:
+            if self.formatter is None:
+                raise check.fail("prompt", "a conversation needs rollout.chat: true (a chat template)")
+            text = self.formatter.render(prompt, add_generation_prompt=True)
+            shown = prompt[-1].content
+            conversation = [{"role": m.role, "content": m.content} for m in prompt]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = len(ids) > self.max_length
+        ids = ids[-self.max_length :]
+        tokens = TokenizedExample(np.asarray(ids, np.int64), np.zeros(len(ids), np.float32), cut)
+        columns = {k: v for k, v in record.items() if k != "prompt"}
+        return [Encoded([tokens], {"prompt": shown, "columns": columns, "conversation": conversation})], 0
+
+    def with_context(self, prompt):
+        """The prompt with what the recipe puts before it: the tool's instructions (a system message, or the first
+        paragraph of a raw-text prompt) and few-shot turns (after any system message)."""
+        if self.tool == "none" and not self.few_shot:
+            return prompt
+        from posttrain.data.formats import Message, Segment
+        from posttrain.rollout.tools import INSTRUCTIONS
+
+        instructions = (self.tool_instructions or INSTRUCTIONS) if self.tool != "none" else None
+        if isinstance(prompt, str) and self.formatter is None:
+            return instructions + "\n\n" + prompt
+        messages = [user_message(prompt)] if isinstance(prompt, str) else list(prompt)
+        system = [messages.pop(0)] if messages[0].role == "system" else []
+        if instructions is not None:
+            text = instructions + ("\n\n" + system[0].content if system else "")
+            system = [Message("system", [Segment(text)])]
+        shots = [Message(turn["role"], [Segment(turn["content"])]) for turn in self.few_shot]
+        return [*system, *shots, *messages]
+
+
+def prompt_example(sequences: list[TokenizedExample], extra: dict, index: int) -> PromptExample:
+    tokens = sequences[0]
+    return PromptExample(index, tokens.input_ids.tolist(), extra["prompt"], extra["columns"], tokens.truncated,
+                         extra["conversation"])
+
+
 class SamplingTask(OfflineTask):
     """Prompts as examples, a backend that samples from the trained model, rewards that score completions;
     subclasses decide what is learned from the samples."""
@@ -45,51 +107,16 @@ class SamplingTask(OfflineTask):
         self.runner = None
 
     # -- data ---------------------------------------------------------------------------------
-    def build_dataset(self, which: str, quiet: bool = False) -> list[PromptExample]:
-        records = split_records(self.recipe, which)
-        examples, truncated = [], 0
-        limit = self.recipe.data.max_length
-        for path, where, record in records:
-            check = RecordChecker(path, where, record)
-            prompt = self.with_context(check.text_or_messages("prompt", "user"))
-            if isinstance(prompt, str):
-                text = self.formatter.render([user_message(prompt)], add_generation_prompt=True) if self.formatter else prompt
-                shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
-            else:
-                if self.formatter is None:
-                    raise check.fail("prompt", "a conversation needs rollout.chat: true (a chat template)")
-                text = self.formatter.render(prompt, add_generation_prompt=True)
-                shown = prompt[-1].content
-                conversation = [{"role": m.role, "content": m.content} for m in prompt]
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            cut = len(ids) > limit
-            truncated += cut
-            columns = {k: v for k, v in record.items() if k != "prompt"}
-            self.track_source(which, len(examples), path)
-            examples.append(PromptExample(len(examples), ids[-limit:], shown, columns, cut, conversation))
-        if records and not quiet:
-            print(f"data.{which}: {len(examples)} prompts; {truncated} truncated on the left to data.max_length={limit}", flush=True)
-        return examples
-
-    def with_context(self, prompt):
-        """The prompt with what the recipe puts before it: the tool's instructions (a system message, or the first
-        paragraph of a raw-text prompt) and few-shot turns (after any system message)."""
+    def build_dataset(self, which: str, quiet: bool = False):
         rollout = self.recipe.rollout
-        if rollout.tool == "none" and not rollout.few_shot:
-            return prompt
-        from posttrain.data.formats import Message, Segment
-        from posttrain.rollout.tools import INSTRUCTIONS
-
-        instructions = (rollout.tool_instructions or INSTRUCTIONS) if rollout.tool != "none" else None
-        if isinstance(prompt, str) and self.formatter is None:
-            return instructions + "\n\n" + prompt
-        messages = [user_message(prompt)] if isinstance(prompt, str) else list(prompt)
-        system = [messages.pop(0)] if messages[0].role == "system" else []
-        if instructions is not None:
-            text = instructions + ("\n\n" + system[0].content if system else "")
-            system = [Message("system", [Segment(text)])]
-        shots = [Message(turn["role"], [Segment(turn["content"])]) for turn in rollout.few_shot]
-        return [*system, *shots, *messages]
+        encoder = PromptEncoder(self.tokenizer, self.recipe.data.chat_template if rollout.chat else None, rollout.chat,
+                                rollout.tool, rollout.tool_instructions, list(rollout.few_shot), self.recipe.data.max_length)
+        examples = load_examples(self.recipe, which, encoder, prompt_example, quiet)
+        self.track_sources(which, examples)
+        if examples and not quiet:
+            print(f"data.{which}: {len(examples)} prompts; {examples.summary['truncated']:.0f} truncated on the left to "
+                  f"data.max_length={self.recipe.data.max_length}", flush=True)
+        return examples
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:

@@ -15,11 +15,10 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from posttrain.data.batching import Batch, collate
 from posttrain.data.formats import parse_sft
-from posttrain.data.load import split_records
+from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.errors import UserError
 from posttrain.objectives.sft import SFT_LOSSES, poft, select_tokens, selected_count
@@ -27,6 +26,25 @@ from posttrain.ops.distill import target_topk
 from posttrain.train.forward import TargetLogprobs, batch_logprobs, final_hidden_states, per_example_sum
 from posttrain.train.precompute import TargetTable, compute_targets, load_frozen
 from posttrain.train.task import OfflineTask
+
+
+class SFTEncoder(Encoder):
+    """A record -> one tokenized example (with the record itself, for S3FT's answers)."""
+
+    def __init__(self, tokenize: ExampleTokenizer, keep_record: bool):
+        self.tokenize, self.keep_record = tokenize, keep_record
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        tokenized = self.tokenize(parse_sft(path, where, record))
+        if tokenized is None:
+            return [], 1
+        return [Encoded([tokenized], {"path": path, "where": where, "record": record} if self.keep_record else None)], 0
+
+
+def sft_example(sequences: list[TokenizedExample], extra: dict | None, index: int) -> TokenizedExample:
+    example = sequences[0]
+    example.index = index
+    return example
 
 
 class SFTTask(OfflineTask):
@@ -38,7 +56,6 @@ class SFTTask(OfflineTask):
         if "references" in self.spec.needs and not self.cfg.references:
             raise UserError("sft.loss: poft needs sft.references: the aligned model(s) the trained model should beat")
         self.tokenize = ExampleTokenizer(tokenizer, recipe.data, recipe.data.assistant_only_loss)
-        self.sources: dict[str, list] = {}  # parsed examples and reference answers, for S3FT
         self.tables: dict[str, TargetTable] = {}
         self.ref_means: torch.Tensor | None = None  # PoFT: [n, R] mean log-probs of the reference models
         self.mask_id = self.mask_token_id() if self.cfg.mask_ratio else None
@@ -47,32 +64,18 @@ class SFTTask(OfflineTask):
         self.sampled = {"examples": 0.0, "on_policy": 0.0}
 
     # -- data ---------------------------------------------------------------------------------
-    def build_dataset(self, which: str, quiet: bool = False) -> list[TokenizedExample]:
-        data = self.recipe.data
-        records = split_records(self.recipe, which)
-        if not records:
-            return []
-        examples, sources, truncated, dropped = [], [], 0, 0
-        for path, where, record in tqdm(records, desc=f"tokenizing {which}", disable=quiet or len(records) < 2000):
-            parsed = parse_sft(path, where, record)
-            tokenized = self.tokenize(parsed)
-            if tokenized is None:
-                dropped += 1
-                continue
-            truncated += tokenized.truncated
-            tokenized.index = len(examples)
-            self.track_source(which, tokenized.index, path)
-            examples.append(tokenized)
-            sources.append((parsed, record.get("answer")))
-        if not examples:
-            raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={data.max_length} or no target tokens)")
-        self.sources[which] = sources
-        self.report = {"records": len(records), "examples": len(examples), "truncated": truncated, "dropped": dropped,
-                       "tokens": sum(len(e.input_ids) for e in examples), "targets": sum(e.num_targets for e in examples)}
-        if not quiet:
-            r = self.report
-            print(f"data.{which}: {r['records']} records -> {r['examples']} examples, {r['tokens']:,} tokens "
-                  f"({r['targets']:,} trained on); truncated {r['truncated']} ({data.truncation}), dropped {r['dropped']}", flush=True)
+    def build_dataset(self, which: str, quiet: bool = False):
+        encoder = SFTEncoder(self.tokenize, keep_record=self.cfg.self_sample and which == "train")
+        examples = load_examples(self.recipe, which, encoder, sft_example, quiet)
+        if not examples and self.recipe.data.sources(which):
+            raise UserError(f"data.{which}: every record was dropped (too long for data.max_length="
+                            f"{self.recipe.data.max_length} or no target tokens)")
+        self.track_sources(which, examples)
+        if examples and not quiet:
+            r = examples.summary
+            print(f"data.{which}: {r['records']} records -> {r['examples']} examples, {r['tokens']:,.0f} tokens "
+                  f"({r['targets']:,.0f} trained on); truncated {r['truncated']:.0f} ({self.recipe.data.truncation}), "
+                  f"dropped {r['dropped']}", flush=True)
         return examples
 
     def adapter_init_examples(self, examples: list[TokenizedExample]) -> list[TokenizedExample]:
@@ -192,9 +195,10 @@ class SFTTask(OfflineTask):
 
         from posttrain.train.self_sample import self_sampled_answers, with_answer
 
-        parsed = [source for source, _ in self.sources["train"]]
+        sources = [train.extra(i) for i in range(len(train))]
+        parsed = [parse_sft(s["path"], s["where"], s["record"]) for s in sources]
         with accelerator.main_process_first():
-            answers = self_sampled_answers(model, self.tokenizer, parsed, [answer for _, answer in self.sources["train"]],
+            answers = self_sampled_answers(model, self.tokenizer, parsed, [s["record"].get("answer") for s in sources],
                                            self.cfg.self_sample_max_new_tokens, self.recipe.train.batch_size * 4,
                                            Path(self.recipe.output_dir) / "self_sampled_answers.json")
         replaced = 0

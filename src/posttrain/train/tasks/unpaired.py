@@ -11,16 +11,17 @@ checkpoint, so a resumed run continues with the same shift.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from posttrain.data.batching import Batch, collate
 from posttrain.data.formats import parse_unpaired
-from posttrain.data.load import split_records
+from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.errors import UserError
 from posttrain.objectives.unpaired import check_unpaired, density_ratio, fit_prompt_classifier, unpaired_loss
@@ -61,6 +62,25 @@ class UnpairedBatch:
         return UnpairedBatch(self.batch.to(device), moved, self.labels.to(device), self.index, self.split)
 
 
+class UnpairedEncoder(Encoder):
+    """An unpaired record (or a pair, split in two) -> labelled examples."""
+
+    tallies = ("desirable",)
+
+    def __init__(self, tokenize: ExampleTokenizer):
+        self.tokenize = tokenize
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        made, dropped = [], 0
+        for example, label in parse_unpaired(path, where, record):
+            tokenized = self.tokenize(example)
+            if tokenized is None:
+                dropped += 1
+            else:
+                made.append(Encoded([tokenized], {"label": bool(label)}, {"desirable": float(label)}))
+        return made, dropped
+
+
 class UnpairedTask(OfflineTask):
     name = "kto"
 
@@ -79,34 +99,27 @@ class UnpairedTask(OfflineTask):
         self.reward_sum, self.reward_count = 0.0, 0  # BCO's running mean
 
     # -- data ---------------------------------------------------------------------------------
-    def build_dataset(self, which: str, quiet: bool = False) -> list[LabelledExample]:
-        data = self.recipe.data
-        records = split_records(self.recipe, which)
-        if not records:
-            return []
-        out, dropped = [], 0
-        for path, where, record in tqdm(records, desc=f"tokenizing {which}", disable=quiet or len(records) < 2000):
-            for example, label in parse_unpaired(path, where, record):
-                tokenized = self.tokenize(example)
-                if tokenized is None:
-                    dropped += 1
-                    continue
-                self.track_source(which, len(out), path)
-                out.append(LabelledExample(tokenized, label, len(out), which))
+    def build_dataset(self, which: str, quiet: bool = False):
+        out = load_examples(self.recipe, which, UnpairedEncoder(self.tokenize),
+                            lambda sequences, extra, index: LabelledExample(sequences[0], extra["label"], index, which), quiet)
+        if not out and self.recipe.data.sources(which):
+            raise UserError(f"data.{which}: every example was dropped (too long for data.max_length={self.recipe.data.max_length})")
         if not out:
-            raise UserError(f"data.{which}: every example was dropped (too long for data.max_length={data.max_length})")
-        if which == "train" and len({e.label for e in out}) < 2:
+            return out
+        desirable = out.summary["desirable"]
+        if which == "train" and desirable in (0, len(out)):
             raise UserError("data.train: unpaired losses need both desirable and undesirable examples")
+        self.track_sources(which, out)
         self.datasets[which] = out
         if not quiet:
-            desirable = sum(e.label for e in out)
-            print(f"data.{which}: {len(records)} records -> {len(out)} examples ({desirable} desirable, "
-                  f"{len(out) - desirable} undesirable), dropped {dropped}", flush=True)
+            r = out.summary
+            print(f"data.{which}: {r['records']} records -> {len(out)} examples ({desirable:.0f} desirable, "
+                  f"{len(out) - desirable:.0f} undesirable), dropped {r['dropped']}", flush=True)
         return out
 
-    def adapter_init_examples(self, examples: list[LabelledExample]) -> list[TokenizedExample]:
+    def adapter_init_examples(self, examples: Sequence[LabelledExample]) -> Iterable[TokenizedExample]:
         """EVA initializes from the prompts with their desirable completions."""
-        return [e.example for e in examples if e.label]
+        return (e.example for e in examples if e.label)
 
     def collate(self, examples: list[LabelledExample]) -> UnpairedBatch:
         train, pad = self.recipe.train, self.tokenizer.pad_token_id
