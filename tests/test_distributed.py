@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo) with accumulation k train exactly like one process with 2k."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,12 +34,23 @@ def single_and_two_processes(command, model_dir, tmp_path, common, accum_two, po
     return single, double
 
 
+def differences(command: str, single, double, keys=("loss", "grad_norm")) -> dict:
+    """The largest gaps between the two runs, printed (``pytest -s``) for the record."""
+    a, b = final_weights(single), final_weights(double)
+    gaps = {"command": command, "max |weight gap|": max(float((a[k] - b[k]).abs().max()) for k in a)}
+    for key in keys:
+        gaps[f"max |{key} gap|"] = max(abs(x[key] - y[key]) for x, y in zip(metrics(single), metrics(double)))
+    print(json.dumps(gaps))
+    return gaps
+
+
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_two_processes_equal_one_process_with_double_accumulation(tiny_model_dir, tmp_path, peft):
     common = {"train.max_steps": 3, "train.batch_size": 2, "peft.method": peft, "train.save_every": 3}
     single, double = single_and_two_processes("sft", tiny_model_dir, tmp_path, common, accum_two=2, port=29517)
     single_log, double_log = metrics(single), metrics(double)
     assert [m["step"] for m in double_log] == [1, 2, 3]  # rank 0 alone writes metrics
+    differences(f"sft ({peft})", single, double)
     for a, b in zip(single_log, double_log):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=1e-5)
@@ -54,6 +66,7 @@ def test_dpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path):
 
     common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora", "data.train": str(pairs_file(tmp_path))}
     single, double = single_and_two_processes("dpo", tiny_model_dir, tmp_path, common, accum_two=1, port=29518)
+    differences("dpo", single, double)
     for a, b in zip(metrics(single), metrics(double)):
         for key in ("loss", "grad_norm", "rewards/margin", "rewards/accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
@@ -70,6 +83,7 @@ def test_reward_model_on_two_processes_equals_one_process(tiny_model_dir, tmp_pa
               "data.eval": str(pairs_file(tmp_path / "eval", n=7)), "rm.objectives": "[correct, concise]",
               "rm.weighting": "learned"}
     single, double = single_and_two_processes("rm", tiny_model_dir, tmp_path, common, accum_two=1, port=29519)
+    differences("rm", single, double)
     for a, b in zip(metrics(single), metrics(double)):
         for key in ("loss", "grad_norm", "accuracy", "margin", "weight/correct"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
@@ -88,10 +102,27 @@ def test_grpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path, mode
     common = {**RL, "train.batch_size": 4, "peft.method": "lora", "rl.aggregation": mode, "rl.kl_coef": 0.05}
     port = 29520 + ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"].index(mode)
     single, double = single_and_two_processes("grpo", tiny_model_dir, tmp_path, common, accum_two=1, port=port)
+    differences(f"grpo ({mode})", single, double)
     for a, b in zip(metrics(single), metrics(double)):
         for key in ("loss", "grad_norm", "reward/mean", "advantage/std", "policy/kl_ref"):
             assert a[key] == pytest.approx(b[key], abs=1e-9), key
     assert_weights_close(final_weights(single), final_weights(double), atol=1e-9)
+
+
+@pytest.mark.parametrize("command", ["kto", "rank", "prm"])
+def test_offline_families_on_two_processes_equal_one_process(tiny_model_dir, tmp_path, command):
+    from test_process_reward import steps_file
+    from test_ranking import ranked_file
+    from test_unpaired import unpaired_file
+
+    train = {"kto": unpaired_file, "rank": ranked_file, "prm": steps_file}[command](tmp_path)
+    common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora", "data.train": str(train),
+              "data.limit": "null"}
+    port = 29526 + ["kto", "rank", "prm"].index(command)
+    single, double = single_and_two_processes(command, tiny_model_dir, tmp_path, common, accum_two=2, port=port)
+    gaps = differences(command, single, double)
+    assert gaps["max |loss gap|"] < 1e-5 and gaps["max |grad_norm gap|"] < 1e-5
+    assert_weights_close(final_weights(single), final_weights(double), atol=1e-5)
 
 
 def test_a_process_whose_groups_are_all_dropped_still_joins_the_update(tiny_model_dir, tmp_path):

@@ -115,3 +115,18 @@ def test_a_mixture_indexes_rows_of_each_file(tiny_tokenizer, tiny_model_dir, tmp
     for i, (x, y) in enumerate(zip(mixed, expected)):
         assert x.index == i
         np.testing.assert_array_equal(x.input_ids, y.input_ids)
+
+
+def test_staging_left_by_a_killed_encoder_is_removed(tiny_tokenizer, tiny_model_dir, tmp_path, cache):
+    import shutil
+    import subprocess
+
+    sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, "data.limit=20").build_dataset("train", quiet=True)
+    (done,) = cache.iterdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    abandoned = cache / f".{done.name}.{dead.pid}.tmp"
+    shutil.copytree(done, abandoned)
+    shutil.rmtree(done)
+    again = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, "data.limit=20").build_dataset("train", quiet=True)
+    assert again.summary["records"] == 20 and sorted(p.name for p in cache.iterdir()) == [done.name]

@@ -176,6 +176,7 @@ def encode_file(source, limit: int | None, encoder: Encoder, num_proc: int | Non
     directory = cache_root() / "examples" / cache_key(source.path, source.adapter, limit, encoder)
     if (directory / "records.npy").exists():
         return directory
+    _remove_abandoned(directory)
     file = resolve_path(source.path)
     workers = num_proc if num_proc is not None else (
         len(os.sched_getaffinity(0)) if file.is_file() and file.stat().st_size >= PARALLEL_BYTES else 1)
@@ -203,6 +204,18 @@ def encode_file(source, limit: int | None, encoder: Encoder, num_proc: int | Non
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _remove_abandoned(directory: Path) -> None:
+    """Staging directories of processes that died while encoding (SIGKILL, out of memory) are removed."""
+    for staging in directory.parent.glob(f".{directory.name}.*.tmp"):
+        pid = int(staging.name.split(".")[-2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def _encoded_chunks(source, limit: int | None, encoder: Encoder, workers: int):
