@@ -48,27 +48,41 @@ def logged_steps(out) -> int:
     return log.read_text().count("\n") if log.exists() else 0
 
 
+def timeline(run: subprocess.Popen, out) -> list[float]:
+    """When each step's metrics line appeared, then when the run ended (seconds from now)."""
+    started, seen = time.perf_counter(), []
+    while run.poll() is None:
+        seen += [time.perf_counter() - started] * (logged_steps(out) - len(seen))
+        time.sleep(0.002)
+    return seen + [time.perf_counter() - started]
+
+
 def kill_loop(command: str, tmp_path, model_dir, kills: int, seed: int) -> list[str]:
-    """Run straight through, then run again killed ``kills`` times and resumed until done; returns what each kill
-    interrupted. Each kill waits for a random step not yet done (or the run's start-up, one time in eight), then a
-    random part of a step's time, so kills land in start-up, mid-step, mid-checkpoint (every step saves) and
-    mid-evaluation, and after the last step while ``final/`` is written."""
-    overrides = family_overrides(command, tmp_path)
-    started = time.perf_counter()
+    """Run straight through (timing its start-up, steps and finish), then run again killed ``kills`` times and
+    resumed until done; returns what each kill interrupted. One kill in eight lands in start-up; the others wait for
+    one or two steps more than the last run logged, then a random part of a step's time (of the finish, after the
+    last step), so kills land mid-step, mid-checkpoint (every step saves), mid-evaluation and while ``final/`` is
+    written, spread over a run of ``2 x kills + 4`` steps."""
+    overrides = {**family_overrides(command, tmp_path), "train.max_steps": max(8, 2 * kills + 4)}
     straight = posttrain([command, str(write_recipe(tmp_path, model_dir, tmp_path / "straight", overrides))])
-    assert straight.wait() == 0, straight.stderr.read()[-2000:]
-    steps = logged_steps(tmp_path / "straight")
-    step_time = (time.perf_counter() - started) / steps
+    times = timeline(straight, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr.read()[-2000:]
+    steps = len(times) - 1
+    startup, step_time, finish = times[0], (times[-2] - times[0]) / max(steps - 1, 1), times[-1] - times[-2]
     out = tmp_path / "killed"
     recipe = write_recipe(tmp_path, model_dir, out, overrides)
     root = out / "checkpoints"
     rng, hits, finished = random.Random(seed), [], 0
     while len(hits) < kills:
         run = posttrain([command, str(recipe)])
-        target = 0 if rng.random() < 1 / 8 else rng.randint(min(logged_steps(out) + 1, steps), steps)
+        if rng.random() < 1 / 8:
+            target, delay = 0, rng.uniform(0.0, startup)
+        else:
+            target = min(logged_steps(out) + rng.randint(1, 2), steps)
+            delay = rng.uniform(0.0, finish if target == steps else step_time)
         while target and logged_steps(out) < target and run.poll() is None:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 1.0) * step_time)
+            time.sleep(0.002)
+        time.sleep(delay)
         if run.poll() is not None:  # it finished first: start over from scratch, to have something to kill
             assert run.returncode == 0, run.stderr.read()[-2000:]
             finished += 1
@@ -79,15 +93,15 @@ def kill_loop(command: str, tmp_path, model_dir, kills: int, seed: int) -> list[
         run.wait()
         saved = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*")) if root.exists() else []
         staging = bool(list(root.glob(".step-*.tmp"))) if root.exists() else False
-        hits.append(f"after step {logged_steps(out)}, checkpoint {saved[-1] if saved else 0}"
-                    + (" while writing one" if staging else ""))
+        moment = "in start-up" if target == 0 else f"after step {logged_steps(out)}"
+        hits.append(f"{moment}, checkpoint {saved[-1] if saved else 0}" + (" while writing one" if staging else ""))
     final = posttrain([command, str(recipe)])
     assert final.wait() == 0, final.stderr.read()[-2000:]
+    print(json.dumps({"command": command, "kills": hits, "runs that finished first (restarted)": finished}))
     assert_weights_close(final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed"), atol=1e-6)
     assert_same_logs(metrics(tmp_path / "straight"), metrics(tmp_path / "killed"))
     if (tmp_path / "straight" / "eval.jsonl").exists():
         assert_same_logs(metrics(tmp_path / "straight", "eval.jsonl"), metrics(tmp_path / "killed", "eval.jsonl"))
-    print(json.dumps({"command": command, "kills": hits, "runs that finished first (restarted)": finished}))
     return hits
 
 
