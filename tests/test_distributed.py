@@ -125,6 +125,21 @@ def test_offline_families_on_two_processes_equal_one_process(tiny_model_dir, tmp
     assert_weights_close(final_weights(single), final_weights(double), atol=1e-5)
 
 
+@pytest.mark.parametrize("command", ["ppo", "rft", "online-dpo"])
+def test_other_sampling_commands_on_two_processes_equal_one_process(tiny_model_dir, tmp_path, command):
+    """Rollouts sharded over the processes, rewards gathered: the same run as one process."""
+    from test_online_dpo import ONLINE
+    from test_ppo import RL as PPO
+    from test_rft import RFT
+
+    common = {**{"ppo": PPO, "rft": RFT, "online-dpo": ONLINE}[command], "peft.method": "lora"}
+    port = 29530 + ["ppo", "rft", "online-dpo"].index(command)
+    single, double = single_and_two_processes(command, tiny_model_dir, tmp_path, common, accum_two=1, port=port)
+    gaps = differences(command, single, double)
+    assert gaps["max |loss gap|"] < 1e-9 and gaps["max |grad_norm gap|"] < 1e-9
+    assert_weights_close(final_weights(single), final_weights(double), atol=1e-9)
+
+
 def test_a_process_whose_groups_are_all_dropped_still_joins_the_update(tiny_model_dir, tmp_path):
     """Dynamic sampling drops process 1's only group (constant reward) while process 0 trains on its own: process 1
     runs a zero-weight backward pass so that the gradient reduction completes, and the run equals one process

@@ -79,10 +79,11 @@ class RFTTask(PoolTask):
         if cfg.hint is not None and unsolved:
             hinted_kept, hint_stats = self.sample_and_accept(step, unsolved, hinted=True)
             kept.update(hinted_kept)
-        local = {"pool": [pair for pos in sorted(kept) for pair in kept[pos]], "stats": stats, "hint": hint_stats,
+        local = {"pool": [(pos, pair) for pos in sorted(kept) for pair in kept[pos]], "stats": stats, "hint": hint_stats,
                  "generated": self.backend.stats.tokens - generated_before, "seconds": self.backend.stats.seconds - seconds_before}
         every = self.gathered(local)
-        pool = [pair for part in every for pair in part["pool"]]
+        # in prompt order, as one process would have it: the process count must not change what a step trains on
+        pool = [pair for _, pair in sorted((entry for part in every for entry in part["pool"]), key=lambda e: e[0])]
         total = {key: sum(p["stats"][key] for p in every) for key in stats}
         hints = {key: sum(p["hint"][key] for p in every) for key in hint_stats}
         prompts = len(indices)
