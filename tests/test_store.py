@@ -130,3 +130,16 @@ def test_staging_left_by_a_killed_encoder_is_removed(tiny_tokenizer, tiny_model_
     shutil.rmtree(done)
     again = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, "data.limit=20").build_dataset("train", quiet=True)
     assert again.summary["records"] == 20 and sorted(p.name for p in cache.iterdir()) == [done.name]
+
+
+def test_other_local_processes_wait_for_the_first_to_encode(tiny_tokenizer, tiny_model_dir, tmp_path, cache, monkeypatch):
+    import shutil
+    import threading
+
+    first = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, "data.limit=20").build_dataset("train", quiet=True)
+    (done,) = cache.iterdir()
+    shutil.move(done, tmp_path / "held")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # never encodes: waits until local process 0's directory appears
+    threading.Timer(0.5, shutil.move, (tmp_path / "held", done)).start()
+    waited = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, "data.limit=20").build_dataset("train", quiet=True)
+    same_examples(first, waited)

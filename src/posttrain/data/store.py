@@ -176,6 +176,8 @@ def encode_file(source, limit: int | None, encoder: Encoder, num_proc: int | Non
     directory = cache_root() / "examples" / cache_key(source.path, source.adapter, limit, encoder)
     if (directory / "records.npy").exists():
         return directory
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return _wait_for(directory, source.path)
     _remove_abandoned(directory)
     file = resolve_path(source.path)
     workers = num_proc if num_proc is not None else (
@@ -203,6 +205,20 @@ def encode_file(source, limit: int | None, encoder: Encoder, num_proc: int | Non
     finally:
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _wait_for(directory: Path, path: str) -> Path:
+    """The other processes of a machine wait for its first one to encode (polling the file system rather than a
+    collective, whose timeout a long first encoding would outlast; a failure there stops the launcher's group)."""
+    import time
+
+    waited = 0
+    while not (directory / "records.npy").exists():
+        time.sleep(0.2)
+        waited += 1
+        if waited % 300 == 0:
+            print(f"waiting for local process 0 to tokenize {path}", flush=True)
     return directory
 
 

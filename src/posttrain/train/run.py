@@ -46,9 +46,8 @@ def run(command: str, recipe: Recipe) -> dict:
         path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(path, recipe.trust_remote_code)
     task = COMMANDS[command].task_class()(recipe, tokenizer)
-    with accelerator.main_process_first():  # the main process tokenizes into the cache, the others read it
-        train_examples = task.build_dataset("train", quiet=quiet)
-        eval_examples = task.build_dataset("eval", quiet=quiet)
+    train_examples = task.build_dataset("train", quiet=quiet)  # each machine's first process tokenizes, the rest wait
+    eval_examples = task.build_dataset("eval", quiet=quiet)
 
     model = task.load_model(path)
     if hasattr(model, "peft_config"):  # starting from an adapter run (e.g. DPO after LoRA SFT): train on the merged model
