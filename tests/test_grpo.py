@@ -357,3 +357,25 @@ def test_evaluation_reports_each_verifier_when_the_sum_is_no_accuracy(tiny_model
     assert evaluated["eval/test_grpo:half_credit/reward"] == 0.5
     assert evaluated["eval/reward"] == pytest.approx(evaluated["eval/math_answer/reward"] + 0.5)
     assert evaluated["eval/math_answer/accuracy_ci_high"] > 0.4
+
+
+def test_prompt_tuned_models_decode_with_their_virtual_tokens(tiny_model_dir):
+    """A prompt-tuning adapter's learned embeddings precede every prompt: greedy decoding equals PEFT's generate."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import load_tokenizer
+    from posttrain.rollout.backend import SamplingSettings, TransformersBackend
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 1)
+    ours = TransformersBackend(model, load_tokenizer(str(tiny_model_dir))).generate(
+        PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=0.0))[0].token_ids
+    theirs = model.generate(input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, pad_token_id=2)
+    assert ours == theirs[0, -8:].tolist()[: len(ours)]
+    plain = TransformersBackend(base, load_tokenizer(str(tiny_model_dir)))
+    with model.disable_adapter():
+        assert plain.generate(PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=0.0))[0].token_ids != ours

@@ -81,7 +81,7 @@ class EvalModel:
     uncached, since its weights change)."""
 
     def __init__(self, spec: str | None = None, model=None, tokenizer=None, name: str | None = None,
-                 batch_size: int = 16, cache: bool = True):
+                 batch_size: int = 64, cache: bool = True):
         if spec is None and model is None:
             raise ValueError("EvalModel needs a model spec or a model")
         self.spec, self.name = spec, name or spec or "model"

@@ -3,8 +3,9 @@
 A *generation backend* turns prompt token ids into completions with the policy's current weights
 (LoRA adapters active) and reports, per completion: the token ids, the sampler's log-probability of
 each sampled token at the sampling temperature (to compare with the trainer's), and whether the
-token budget cut it off. The default backend is transformers ``generate`` with the KV cache and
-left padding.
+token budget cut it off. The default backend decodes with the model itself: left-padded prompts
+prefilled once, then one forward pass per token over the rows still writing (a KV cache; rows that
+ended leave the batch).
 
 Each completion's randomness is its own: sampling is Gumbel-max over the processed logits with noise
 from a generator seeded by (seed, step, prompt, sample), so what a prompt's k-th sample is does not
@@ -70,52 +71,62 @@ def _at_least_float32(scores: torch.Tensor) -> torch.Tensor:
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
 
 
-class _SampledTokens:
-    """Logits processors for HF ``generate`` in greedy mode that together *sample*: record the sampler's
-    log-probs at temperature T, then temperature, top-k, top-p, and Gumbel noise from per-row generators
-    (argmax of ``logits / T + Gumbel`` is a draw from ``softmax(logits / T)``, restricted as top-k / top-p say).
-    Temperature 0 is greedy decoding: only the recording (at T = 1) runs, and ``generate`` takes the argmax."""
+class _Sampler:
+    """Each row's next token from its logits: greedy at temperature 0; otherwise a draw from ``softmax(logits / T)``
+    restricted by top-k / top-p, taken as ``argmax(logits / T + Gumbel noise)`` with noise from the row's own
+    generator. Also the sampler's log-prob of the picked token at temperature T (at 1 when greedy), in the logits'
+    precision (at least float32) so that it can be compared with the trainer's."""
 
     def __init__(self, seeds: list[int], settings: SamplingSettings, device):
-        from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
 
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.greedy = settings.temperature <= 0
         self.temperature = settings.temperature or 1.0
         self.device = device
-        self.logps: list[torch.Tensor] = []
-        self.previous: torch.Tensor | None = None
-        warpers = []
-        if settings.top_k:
-            warpers.append(TopKLogitsWarper(top_k=settings.top_k))
-        if settings.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p=settings.top_p))
-        sampling = [self._scale, *warpers, self._gumbel] if settings.temperature > 0 else []
-        self.processors = LogitsProcessorList([self._record, *sampling])
+        self.warpers = ([TopKLogitsWarper(top_k=settings.top_k)] if settings.top_k else []) + (
+            [TopPLogitsWarper(top_p=settings.top_p)] if settings.top_p < 1.0 else [])
 
-    def _record(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:  # the token sampled last step is the last input now
-            self.logps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.previous = torch.log_softmax(_at_least_float32(scores) / self.temperature, dim=-1)
-        return scores
+    def __call__(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [A] and their log-probs [A] for the batch rows whose sample numbers are ``rows``."""
+        scores = _at_least_float32(logits) / self.temperature
+        logps = torch.log_softmax(scores, dim=-1)
+        if self.greedy:
+            tokens = logits.argmax(-1)
+        else:
+            for warp in self.warpers:
+                scores = warp(None, scores)
+            vocab = scores.shape[-1]
+            uniform = torch.stack([torch.rand(vocab, generator=self.generators[r], dtype=torch.float64, device=self.device)
+                                   for r in rows])
+            tokens = (scores.double() - torch.log(-torch.log(uniform.clamp_(1e-300, 1.0 - 1e-16)))).argmax(-1)
+        return tokens, logps.gather(1, tokens[:, None]).squeeze(1)
 
-    def _scale(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return _at_least_float32(scores) / self.temperature
 
-    def _gumbel(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64, device=self.device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp_(1e-300, 1.0 - 1e-16)))
-        return scores.double() + gumbel
+def _prompt_inputs(model, input_ids: torch.Tensor) -> tuple[object, dict, int]:
+    """The module to decode with, its prefill inputs and the number of virtual tokens: prompt / p-tuning adapters
+    put learned embeddings before the input (PEFT's own forward would add them again at every decoding step), so
+    their base model is fed those embeddings, then the prompt's."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        return model, {"input_ids": input_ids}, 0
+    base = model.get_base_model()
+    embeddings = base.get_input_embeddings()(input_ids)
+    virtual = model.get_prompt(batch_size=input_ids.shape[0]).to(embeddings.dtype)
+    return base, {"inputs_embeds": torch.cat([virtual, embeddings], 1)}, virtual.shape[1]
 
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[rows, generated] sampler log-probs, once generation is over."""
-        if self.previous is not None:
-            self.logps.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
-        return torch.stack(self.logps, 1) if self.logps else torch.zeros(sequences.shape[0], 0)
+
+def _last_logits_only(model) -> dict:
+    """Ask the prefill for the last position's logits only, where the model's forward can (every transformers LM;
+    remote code may not)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
 class TransformersBackend:
-    """Samples with the trained model itself (HF ``generate``, KV cache, left padding); nothing to sync."""
+    """Samples with the trained model itself (one forward pass per token, KV cache, left padding); nothing to sync."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = False):
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
@@ -148,22 +159,58 @@ class TransformersBackend:
         return out
 
     def _batch(self, prompts: list[list[int]], seeds: list[int], settings: SamplingSettings) -> list[Completion]:
+        """Prefill the left-padded prompts once, then decode one token per row per forward pass. A row stops at EOS
+        (or once its tail holds a stop string) and finished rows leave the batch as soon as they are a quarter of it,
+        so the passes shrink with the work left instead of running every row to the longest."""
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        mask = torch.ones((rows, width + settings.max_new_tokens), dtype=torch.long)
         for r, prompt in enumerate(prompts):
             input_ids[r, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[r, width - len(prompt):] = 1
-        sampler = _SampledTokens(seeds, settings, device)
-        stop = {"stop_strings": list(settings.stop), "tokenizer": self.tokenizer} if settings.stop else {}
-        sequences = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=settings.max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1, logits_processor=sampler.processors,
-            pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), **stop)
-        generated = sequences[:, width:]
-        logps = sampler.finish(sequences).cpu()
-        return [self._completion(row.tolist(), logps[r].tolist(), settings) for r, row in enumerate(generated.cpu())]
+            mask[r, : width - len(prompt)] = 0
+        model, inputs, virtual = _prompt_inputs(self.model, input_ids.to(device))
+        mask = torch.cat([torch.ones((rows, virtual), dtype=torch.long), mask], 1).to(device)
+        width += virtual
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        sampler = _Sampler(seeds, settings, device)
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logps: list[list[float]] = [[] for _ in range(rows)]
+        live, done = list(range(rows)), [False] * rows  # batch row -> prompt row; prompt rows that ended
+        logits = model(**inputs, **_last_logits_only(model), attention_mask=mask[:, :width], position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        positions = positions[:, -1] + 1
+        for step in range(settings.max_new_tokens):
+            picked, picked_logps = sampler(logits, live)
+            for r, token, logp in zip(live, picked.tolist(), picked_logps.tolist()):
+                if not done[r]:
+                    tokens[r].append(token)
+                    logps[r].append(logp)
+                    done[r] = token in self.eos_ids or self._stopped(tokens[r], settings)
+            finished = [i for i, r in enumerate(live) if done[r]]
+            if len(finished) == len(live) or step == settings.max_new_tokens - 1:
+                break
+            if 4 * len(finished) >= len(live):
+                keep = torch.tensor([i for i, r in enumerate(live) if not done[r]], device=device)
+                cache.reorder_cache(keep)
+                mask, positions, picked = mask[keep], positions[keep], picked[keep]
+                live = [live[i] for i in keep.tolist()]
+            at = width + step
+            logits = model(input_ids=picked[:, None], attention_mask=mask[:, : at + 1], position_ids=positions[:, None],
+                           past_key_values=cache, cache_position=torch.tensor([at], device=device),
+                           use_cache=True).logits[:, -1]
+            positions = positions + 1
+        return [self._completion(tokens[r], logps[r], settings) for r in range(rows)]
+
+    def _stopped(self, tokens: list[int], settings: SamplingSettings) -> bool:
+        """Whether the last tokens hold a stop string (only to end decoding early: ``_completion`` cuts exactly)."""
+        if not settings.stop:
+            return False
+        tail = self.tokenizer.decode(tokens[-4 * max(len(s) for s in settings.stop) - 4 :], skip_special_tokens=True)
+        return any(s in tail for s in settings.stop)
 
     def _completion(self, tokens: list[int], logps: list[float], settings: SamplingSettings) -> Completion:
         """Cut a generated row where it ended: after its EOS, or after the first stop string (rows that finished
