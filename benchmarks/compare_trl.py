@@ -33,8 +33,9 @@ Fairness rules:
    framework reports it trained on (real tokens / pairs), so small tokenization differences (TRL keeps the
    start of an over-long pair, posttrain the end) do not bias the ratio.
 
-Model-FLOPs utilization (``sft_full``): achieved FLOPs = 6 x non-embedding parameters x tokens + causal
-attention (6 x 2 x L^2 x hidden x layers per sequence of L tokens, forward and backward) + the LM-head
+Model-FLOPs utilization (``sft_full``): achieved FLOPs = 6 x non-embedding parameters x tokens + attention
+(6 x 2 x L^2 x hidden x layers per sequence of L tokens, forward and backward, the full square as PaLM's MFU
+counts it; each sequence on its own, not its packed row) + the LM-head
 projection at the positions actually projected (6 x vocabulary x hidden per target), over the steps timed,
 divided by the peak of a large fp32 ``torch.matmul`` measured in the same run.
 
@@ -270,6 +271,7 @@ def posttrain_grpo(steps: int) -> dict:
                  "rollout.num_generations": GRPO_GENERATIONS, "rollout.max_new_tokens": GRPO_NEW_TOKENS,
                  "rollout.temperature": GRPO_TEMPERATURE, "rl.kl_coef": 0.0, "rl.num_iterations": 1,
                  "rl.aggregation": "token_mean", "train.warmup_steps": 0, "rl.reward_workers": 1,
+                 "data.limit": steps * GRPO_BATCH // GRPO_GENERATIONS,  # the prompts TRL gets
                  "peft.r": LORA["r"], "peft.alpha": LORA["alpha"]}
     logged, _ = posttrain_run("grpo", "grpo_arithmetic", overrides)
     seconds = logged[-1]["elapsed_s"] - logged[0]["elapsed_s"]

@@ -379,3 +379,28 @@ def test_prompt_tuned_models_decode_with_their_virtual_tokens(tiny_model_dir):
     plain = TransformersBackend(base, load_tokenizer(str(tiny_model_dir)))
     with model.disable_adapter():
         assert plain.generate(PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=0.0))[0].token_ids != ours
+
+
+def test_rows_that_end_early_leave_the_batch_without_changing_any_sample(backend):
+    """With an end token that some samples hit after a few tokens, finished rows are dropped mid-decoding (the
+    cache is re-indexed): every sample must still be what it is when generated alone."""
+    from posttrain.rollout.backend import SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.0)
+    prompts, seeds = PROMPTS, [0, 1, 2]  # one of three ending is enough to drop it (a quarter of the batch)
+    free = backend.generate(prompts, seeds, settings)
+    ender = free[0].token_ids[2]  # a token that ends sample 0 at its third token
+    eos = backend.eos_ids
+    backend.eos_ids = eos | {ender}
+    try:
+        together = backend.generate(prompts, seeds, settings)
+        alone = [backend.generate([p], [s], settings)[0] for p, s in zip(prompts, seeds)]
+    finally:
+        backend.eos_ids = eos
+    lengths = [len(c.token_ids) for c in together]
+    assert min(lengths) <= 3 and max(lengths) == 10 and 4 * sum(n < 10 for n in lengths) >= len(lengths)
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    for a, b in zip(together, alone):
+        assert a.sampler_logps == pytest.approx(b.sampler_logps, abs=1e-12)
+    for a, b in zip(free, together):
+        assert a.token_ids[: len(b.token_ids)] == b.token_ids

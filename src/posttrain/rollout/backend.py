@@ -213,8 +213,8 @@ class TransformersBackend:
         return any(s in tail for s in settings.stop)
 
     def _completion(self, tokens: list[int], logps: list[float], settings: SamplingSettings) -> Completion:
-        """Cut a generated row where it ended: after its EOS, or after the first stop string (rows that finished
-        early are padded by ``generate``)."""
+        """Cut a generated row where it ended: after its EOS, or after the shortest prefix that holds a stop string
+        (decoding only checked the row's tail for one)."""
         end = next((t + 1 for t, token in enumerate(tokens) if token in self.eos_ids), None)
         finished, end = end is not None, end or len(tokens)
         text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
