@@ -87,7 +87,9 @@ def test_mini_batches_split_each_epoch_of_one_rollout_batch(tiny_model_dir, tmp_
     logged = metrics(tmp_path)
     assert len({m["reward/mean"] for m in logged[:4]}) == 1 and logged[4]["reward/mean"] != logged[0]["reward/mean"]
     assert logged[0]["policy/approx_kl_old"] == 0.0 and all(m["policy/approx_kl_old"] > 0 for m in logged[1:4])
-    assert logged[4]["policy/approx_kl_old"] == 0.0
+    # a new rollout batch: on-policy again, to float64 rounding (sampling-time and training-time passes put each
+    # completion in a different micro-batch)
+    assert logged[4]["policy/approx_kl_old"] < 1e-24
 
 
 def test_mini_batch_members_cover_the_batch_once_per_epoch(tiny_model_dir, tmp_path):

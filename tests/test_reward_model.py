@@ -112,7 +112,8 @@ def test_final_loads_with_automodel_for_sequence_classification(tiny_model_dir, 
     accuracy = sum(c > r for c, r in scores) / len(scores)
     assert accuracy == pytest.approx(last_eval["eval/accuracy"], abs=1e-12)
     flat = [s for pair in scores for s in pair]
-    assert sum(flat) / len(flat) == pytest.approx(last_eval["eval/reward_mean"], abs=1e-9)
+    # transformers' RMSNorm rounds a float64 model's activations to float32; the trained model's lean norms do not
+    assert sum(flat) / len(flat) == pytest.approx(last_eval["eval/reward_mean"], rel=1e-6)
 
     reward_model = RewardModel(str(final))  # the reward for RL scores the same conversations alike
     record = json.loads(data.read_text().splitlines()[0])

@@ -106,12 +106,15 @@ class TrainConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     max_grad_norm: float | None = Field(1.0, description="clip the global gradient norm; null disables")
     seed: int = Field(0, description="seeds data order, initialization and sampling")
-    packing: bool = Field(True, description="pack examples into rows of max_length (no cross-attention)")
+    packing: bool = Field(True, description="pack examples into rows of max_length (no cross-attention); a model "
+                          "attending per sequence (any SDPA model) gets one row with no padding, prompts shared once")
     padding_free: bool = Field(False, description="one row per micro-batch with no padding at all")
     precision: Literal["fp32", "bf16", "fp16", "fp64"] = Field(
         "fp32", description="mixed precision for the forward pass; fp64: float64 weights and arithmetic, for "
         "numerical checks that must agree on every CPU (slow)")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+    lean_layers: bool = Field(True, description="gated MLPs and RMSNorms save fewer activations for backward and "
+                              "recompute elementwise results instead (same losses and gradients)")
     logprob_chunk: int = Field(1024, gt=0, description="target tokens per chunk of the vocabulary projection")
     log_every: int = Field(1, gt=0, description="log metrics every N steps")
     eval_every: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")

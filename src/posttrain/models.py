@@ -137,11 +137,19 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return per_sequence(AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code))
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return per_sequence(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code))
     except OSError as exc:
         raise not_loadable(spec, exc) from None
+
+
+def per_sequence(model):
+    """``model``, attending one sequence at a time in packed batches where it can (ops/attention.py)."""
+    from posttrain.ops.attention import use_segment_attention
+
+    use_segment_attention(model)
+    return model
 
 
 def load_classifier(spec: str, num_labels: int, per_token: bool = False, trust_remote_code: bool = False,
@@ -165,9 +173,10 @@ def load_classifier(spec: str, num_labels: int, per_token: bool = False, trust_r
         trunk_missing = [k for k in missing if k.split(".")[0] not in ("score", "classifier")]
         if trunk_missing:
             raise UserError(f"model: {spec}: its weights do not fit {type(model).__name__} ({trunk_missing[0]} missing)")
-        return model.float()
+        return per_sequence(model.float())
     try:
-        return auto.from_pretrained(path, num_labels=num_labels, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        return per_sequence(auto.from_pretrained(path, num_labels=num_labels, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code))
     except OSError as exc:
         raise not_loadable(spec, exc) from None
     except (ValueError, RuntimeError) as exc:  # e.g. a classifier with another number of labels

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from posttrain.data.tokenize import TokenizedExample
+from posttrain.ops.attention import Segments
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Batch:
     num_examples: int
     num_tokens: int  # real (non-padding) tokens
     example_index: torch.Tensor | None = None  # [num_examples] dataset positions of the examples
+    segments: Segments | None = None  # where each sequence lies, for models that attend per sequence
 
     @property
     def num_targets(self) -> int:
@@ -65,7 +67,17 @@ def collate(
     packing: bool = True,
     padding_free: bool = False,
     max_length: int | None = None,
+    segments: bool = False,
+    groups: list[list[int]] | None = None,
+    shared_lengths: list[int] | None = None,
 ) -> Batch:
+    """A micro-batch of ``examples``. With ``segments`` (the model attends per sequence: ops/attention.py) a packed
+    micro-batch is one row with no padding at all, and each of ``groups`` (indices of examples that start alike:
+    one prompt's answers) lays out the tokens its members have in common once, at most ``shared_lengths[g]`` of
+    them (the prompt: then the layout of a prompt's answers, and so every value, does not depend on which of its
+    answers share the micro-batch)."""
+    if segments and (packing or padding_free):
+        return _collate_segments(examples, groups or [], shared_lengths)
     lengths = [len(e.input_ids) for e in examples]
     if padding_free:
         rows = [list(range(len(examples)))]
@@ -108,6 +120,60 @@ def collate(
         num_tokens=int(sum(lengths)),
         example_index=torch.tensor([e.index for e in examples]),
     )
+
+
+def _collate_segments(examples: list[TokenizedExample], groups: list[list[int]], caps: list[int] | None) -> Batch:
+    # With explicit lengths even a group of one lays its prompt out apart, so each answer is computed the same way
+    # whoever shares its micro-batch; without them a lone sequence is one span.
+    caps = caps or [0 if len(g) == 1 else max(len(examples[i].input_ids) for i in g) for g in groups]
+    grouped = {i for group in groups for i in group}
+    groups = sorted([(list(g), cap) for g, cap in zip(groups, caps) if g]
+                    + [([i], 0) for i in range(len(examples)) if i not in grouped], key=lambda g: min(g[0]))
+    input_ids, position_ids, spans = [], [], []
+    where: list[np.ndarray] = [np.zeros(0, np.int64)] * len(examples)  # each example's token positions in the row
+    offset = 0
+    for group, cap in groups:
+        sequences = [examples[i].input_ids for i in group]
+        shared = min(common_prefix_length(sequences), cap)
+        prefix = (offset, offset + shared)
+        if shared:
+            spans.append((offset, offset + shared, offset, offset))
+            input_ids.append(sequences[0][:shared])
+            position_ids.append(np.arange(shared))
+            offset += shared
+        for i, sequence in zip(group, sequences):
+            own = len(sequence) - shared
+            if own:
+                spans.append((offset, offset + own, *prefix) if shared else (offset, offset + own, offset, offset))
+                input_ids.append(sequence[shared:])
+                position_ids.append(np.arange(shared, len(sequence)))
+            where[i] = np.concatenate([np.arange(*prefix), np.arange(offset, offset + own)])
+            offset += own
+    targets = [np.nonzero(e.weights[1:])[0] for e in examples]  # position t predicts token t + 1
+    return Batch(
+        input_ids=torch.from_numpy(np.concatenate(input_ids).astype(np.int64)[None]),
+        position_ids=torch.from_numpy(np.concatenate(position_ids)[None]),
+        attention_mask=None,
+        target_index=torch.from_numpy(np.concatenate([where[i][t] for i, t in enumerate(targets)])),
+        target_ids=torch.from_numpy(np.concatenate([e.input_ids[t + 1] for e, t in zip(examples, targets)])),
+        target_weights=torch.from_numpy(np.concatenate([e.weights[t + 1] for e, t in zip(examples, targets)]).astype(np.float32)),
+        target_example=torch.from_numpy(np.concatenate([np.full(len(t), i) for i, t in enumerate(targets)])),
+        target_rank=torch.from_numpy(np.concatenate([np.arange(len(t)) for t in targets])),
+        num_examples=len(examples),
+        num_tokens=int(sum(len(e.input_ids) for e in examples)),
+        example_index=torch.tensor([e.index for e in examples]),
+        segments=Segments([spans]),
+    )
+
+
+def common_prefix_length(sequences: list[np.ndarray]) -> int:
+    length = min(len(s) for s in sequences)
+    first = sequences[0][:length]
+    for sequence in sequences[1:]:
+        differ = np.nonzero(first[:length] != sequence[:length])[0]
+        if differ.size:
+            length = int(differ[0])
+    return length
 
 
 def right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.train.forward import per_example_sum
+from posttrain.train.forward import batch_logprobs, per_example_sum
 
 
 def scoring_task(command: str, tokenizer, data: dict, **sections):
@@ -55,7 +55,7 @@ def example_losses(model, task, examples: list) -> tuple[torch.Tensor, torch.Ten
     try:
         for start in range(0, len(examples), 8):
             batch = task.collate(examples[start:start + 8]).to(task.device)
-            logps = module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids)
+            logps = batch_logprobs(module, batch)
             mask = (batch.target_weights > 0).to(logps.dtype)
             nll.append(per_example_sum(-logps * mask, batch).double().cpu())
             tokens.append(per_example_sum(mask, batch).double().cpu())

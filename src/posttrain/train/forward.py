@@ -11,6 +11,7 @@ from torch import nn
 
 from posttrain.data.batching import Batch
 from posttrain.models import is_prompt_learning
+from posttrain.ops.attention import Segments, uses_segment_attention
 from posttrain.ops.distill import target_divergence
 from posttrain.ops.logprobs import target_logprobs
 
@@ -32,8 +33,9 @@ class TargetLogprobs(nn.Module):
         self.distill = distill
         self.temperature = temperature
 
-    def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, teacher_ids=None, teacher_logps=None):
-        flat = target_hidden_states(self.model, input_ids, position_ids, attention_mask, target_index)
+    def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, teacher_ids=None, teacher_logps=None,
+                segments=None):
+        flat = target_hidden_states(self.model, input_ids, position_ids, attention_mask, target_index, segments)
         logps = self.target_logprobs(flat, target_ids)
         if teacher_ids is None:
             return logps
@@ -53,7 +55,8 @@ class TargetLogprobs(nn.Module):
 
 def batch_logprobs(module: nn.Module, batch: Batch):
     """Log-probs [N] of ``batch.target_ids`` under ``module`` (a :class:`TargetLogprobs`, possibly DDP-wrapped)."""
-    return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids)
+    return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids,
+                  segments=batch.segments)
 
 
 def per_example_sum(values: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -66,18 +69,31 @@ def sequence_logps(module: nn.Module, batch: Batch) -> torch.Tensor:
     return torch.zeros(batch.num_examples, dtype=logps.dtype, device=logps.device).index_add(0, batch.target_example, logps)
 
 
-def target_hidden_states(model, input_ids, position_ids, attention_mask, target_index) -> torch.Tensor:
+def target_hidden_states(model, input_ids, position_ids, attention_mask, target_index, segments=None) -> torch.Tensor:
     """The last-layer hidden states [N, H] at the positions that predict the targets."""
-    hidden = final_hidden_states(model, input_ids, position_ids, attention_mask)
+    hidden = final_hidden_states(model, input_ids, position_ids, attention_mask, segments)
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
 
 
-def final_hidden_states(model, input_ids, position_ids, attention_mask) -> torch.Tensor:
+def layout(model, segments: Segments | None) -> dict:
+    """The decoder's keyword for a packed batch's layout: only models that attend per sequence take it, and a
+    layout that shares prefixes runs on no other (position ids alone would let answers attend to each other)."""
+    if segments is None:
+        return {}
+    if uses_segment_attention(model):
+        return {"segments": segments}
+    if segments.shares_prefixes:
+        raise ValueError("a batch laid out with shared prefixes needs a model with posttrain's segment attention")
+    return {}
+
+
+def final_hidden_states(model, input_ids, position_ids, attention_mask, segments=None) -> torch.Tensor:
     """Last-layer hidden states [R, L, H], without ever computing the vocabulary projection."""
     decoder = model.get_decoder()
     if not is_prompt_learning(model):
         return decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+            **layout(model, segments),
         ).last_hidden_state
     # Prompt tuning / P-tuning: learned virtual-token embeddings go in front of every row.
     embeds = model.get_input_embeddings()(input_ids)
@@ -104,11 +120,11 @@ class HeadOutputs(nn.Module):
         super().__init__()
         self.model, self.combine = model, combine
 
-    def forward(self, input_ids, position_ids, attention_mask, index):
+    def forward(self, input_ids, position_ids, attention_mask, index, segments=None):
         trunk, head = decoder_trunk_and_head(self.model)
         if trunk is not None:
             hidden = trunk(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                           use_cache=False).last_hidden_state
+                           use_cache=False, **layout(self.model, segments)).last_hidden_state
             out = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -13,6 +13,7 @@ from posttrain.errors import UserError
 from posttrain.export import merged
 from posttrain.models import (apply_peft, is_prompt_learning, load_tokenizer, needs_data_init, resolve_model,
                               trainable_summary)
+from posttrain.ops.lean import make_lean
 from posttrain.train.engine import Engine
 
 
@@ -54,6 +55,8 @@ def run(command: str, recipe: Recipe) -> dict:
         model = merged(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.train.lean_layers:
+        make_lean(model)
     model = apply_peft(model, recipe.peft, recipe.peft.changed(), recipe.train.seed, task.peft_task_type)
     if is_prompt_learning(model) and recipe.train.packing:
         raise UserError(f"peft.method: {recipe.peft.method} prepends virtual tokens to every row, which packed rows "

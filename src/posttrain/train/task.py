@@ -87,6 +87,7 @@ class OfflineTask:
     recipe = None
     accelerator = None
     sourced = None  # the training Examples (each knows its file), where tasks track them
+    segments = False  # the model attends per sequence, so packed micro-batches are one row (set up with the model)
     drawn: list[int] | None = None  # training example indices drawn since the mixture was last logged
     empty_steps_allowed = False
     progress: dict[str, str] = {}
@@ -114,7 +115,21 @@ class OfflineTask:
         return model
 
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
+        from posttrain.ops.attention import uses_segment_attention
+
         self.accelerator = accelerator
+        self.segments = uses_segment_attention(model)
+
+    def pack(self, sequences: list, groups: list[list[int]] | None = None, max_length: int | None = None,
+             shared_lengths: list[int] | None = None):
+        """A micro-batch of tokenized ``sequences`` in the recipe's layout; ``groups`` list sequences that start
+        with the same prompt, which a model attending per sequence computes once (at most ``shared_lengths``
+        tokens of it; by default all they have in common)."""
+        from posttrain.data.batching import collate
+
+        train = self.recipe.train
+        return collate(sequences, self.tokenizer.pad_token_id, train.packing, train.padding_free, max_length,
+                       self.segments, groups, shared_lengths)
 
     # -- the data of one step ---------------------------------------------------------------------
     def track_sources(self, which: str, examples) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.errors import UserError
 from posttrain.objectives.advantages import ADVANTAGES, advantages
@@ -336,7 +336,7 @@ class GRPOTask(SamplingTask):
         policy_logps = ref_logps = None
         with eval_mode(module):
             if self.reuses_rollouts or (cfg.kl_coef and cfg.kl_in == "reward"):
-                policy_logps = self.logps_of(rollouts, lambda batch: self.unwrapped(module)(*model_inputs(batch))[0])
+                policy_logps = self.logps_of(rollouts, lambda batch: self.unwrapped(module)(**model_inputs(batch))[0])
             if cfg.kl_coef:
                 ref_logps = self.logps_of(rollouts, lambda batch: self.reference.run(module, self.reference_logps, batch))
         return policy_logps, ref_logps, None
@@ -408,7 +408,7 @@ class GRPOTask(SamplingTask):
 
     def reference_logps(self, reference_module, batch: Batch) -> torch.Tensor:
         inner = TargetLogprobs(reference_module.model, self.recipe.train.logprob_chunk, temperature=self.settings.temperature)
-        return inner(*model_inputs(batch))
+        return inner(**model_inputs(batch))
 
     def logps_of(self, rollouts: Rollouts, compute) -> torch.Tensor:
         """Per-token values of ``compute(batch)`` over the rollouts, in rollout order (micro-batch by micro-batch)."""
@@ -421,14 +421,14 @@ class GRPOTask(SamplingTask):
 
     def micro_batch(self, rollouts: Rollouts, members) -> RLBatch:
         members = list(members)
-        examples = []
+        examples, shared = [], {}
         for i in members:
             prompt, completion = rollouts.prompt_ids[i], rollouts.completion_ids[i]
+            shared.setdefault(tuple(prompt), []).append(len(examples))
             weights = np.zeros(len(prompt) + len(completion), np.float32)
             weights[len(prompt):] = rollouts.mask(i)  # tool output tokens are context, not targets
             examples.append(TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights, index=i))
-        train = self.recipe.train
-        batch = collate(examples, self.tokenizer.pad_token_id, train.packing, train.padding_free)
+        batch = self.pack(examples, list(shared.values()), shared_lengths=[len(prompt) for prompt in shared])
         counts = rollouts.model_tokens()
         offsets = np.cumsum([0] + counts)
         lengths = torch.tensor([counts[i] for i in members])
@@ -451,7 +451,7 @@ class GRPOTask(SamplingTask):
         return batch.units
 
     def loss(self, module, rl: RLBatch, normalizer: float) -> tuple[torch.Tensor, dict]:
-        logps, entropy = module(*model_inputs(rl.batch))
+        logps, entropy = module(**model_inputs(rl.batch))
         per_token, metrics = self.policy_terms(logps, entropy, rl)
         return (per_token * rl.weights.to(logps.dtype)).sum() / normalizer, metrics
 

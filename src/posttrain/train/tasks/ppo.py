@@ -38,11 +38,11 @@ class PolicyAndValue(TargetLogprobs):
         super().__init__(model, chunk_size, with_entropy=True, temperature=temperature)
         self.value_head, self.critic = value_head, critic
 
-    def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids):
-        flat = target_hidden_states(self.model, input_ids, position_ids, attention_mask, target_index)
+    def forward(self, input_ids, position_ids, attention_mask, target_index, target_ids, segments=None):
+        flat = target_hidden_states(self.model, input_ids, position_ids, attention_mask, target_index, segments)
         logps, entropy = self.target_logprobs(flat, target_ids)
         if self.critic is not None:
-            flat = target_hidden_states(self.critic, input_ids, position_ids, attention_mask, target_index)
+            flat = target_hidden_states(self.critic, input_ids, position_ids, attention_mask, target_index, segments)
         values = self.value_head(flat).squeeze(-1)
         return logps, entropy, values.to(torch.promote_types(values.dtype, torch.float32))
 
@@ -137,7 +137,7 @@ class PPOTask(GRPOTask):
         return both[:, 0].contiguous(), ref_logps, both[:, 1].contiguous()
 
     def _logps_and_values(self, module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, _, values = self.unwrapped(module)(*model_inputs(batch))
+        logps, _, values = self.unwrapped(module)(**model_inputs(batch))
         return logps.double(), values.double()
 
     def global_advantages(self, every: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +169,7 @@ class PPOTask(GRPOTask):
 
     # -- loss ---------------------------------------------------------------------------------------
     def loss(self, module, rl: RLBatch, normalizer: float) -> tuple[torch.Tensor, dict]:
-        logps, entropy, values = module(*model_inputs(rl.batch))
+        logps, entropy, values = module(**model_inputs(rl.batch))
         per_token, metrics = self.policy_terms(logps, entropy, rl)
         dtype = logps.dtype
         losses, clipped = value_loss(values.to(dtype), rl.values.to(dtype), rl.returns.to(dtype), self.cfg.value_clip)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_preference
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
@@ -138,11 +138,12 @@ class PreferenceTask(OfflineTask):
         return (p.chosen for p in pairs)
 
     def collate(self, pairs: list[PairExample]) -> PairBatch:
-        train = self.recipe.train
         sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         if self.needs_gold:
             sequences += [p.gold for p in pairs]
-        batch = collate(sequences, self.tokenizer.pad_token_id, train.packing, train.padding_free, self.recipe.data.max_length)
+        n = len(pairs)
+        shared = [list(range(i, len(sequences), n)) for i in range(n)]  # a pair's answers (and gold) share its prompt
+        batch = self.pack(sequences, shared, self.recipe.data.max_length)
         return PairBatch(batch, torch.tensor([p.index for p in pairs]), pairs[0].split)
 
     def module(self, model) -> TargetLogprobs:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.formats import StepsExample, parse_steps
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import TokenizedExample
@@ -126,9 +126,7 @@ class ProcessRewardTask(ClassifierTask):
         return (e.tokens for e in examples)
 
     def collate(self, examples: list[LabeledSteps]) -> StepsBatch:
-        train = self.recipe.train
-        batch = collate([e.tokens for e in examples], self.tokenizer.pad_token_id, train.packing, train.padding_free,
-                        self.recipe.data.max_length)
+        batch = self.pack([e.tokens for e in examples], max_length=self.recipe.data.max_length)
         flat = np.concatenate([e.labels for e in examples])
         offsets = np.cumsum([0] + [len(e.labels) for e in examples])[:-1]
         labels = torch.from_numpy(flat)[torch.from_numpy(offsets)[batch.target_example] + batch.target_rank]
@@ -144,7 +142,7 @@ class ProcessRewardTask(ClassifierTask):
 
     def logits(self, module, sb: StepsBatch) -> torch.Tensor:
         b = sb.batch
-        return module(b.input_ids, b.position_ids, b.attention_mask, b.target_index + 1)
+        return module(b.input_ids, b.position_ids, b.attention_mask, b.target_index + 1, segments=b.segments)
 
     def loss(self, module, sb: StepsBatch, normalizer: float):
         logits = self.logits(module, sb)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_ranked
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
@@ -105,18 +105,18 @@ class RankingTask(OfflineTask):
         return (item.responses[max(range(len(item.scores)), key=item.scores.__getitem__)] for item in items)
 
     def collate(self, items: list[RankedItem]) -> RankedBatch:
-        train = self.recipe.train
         width = self.width[items[0].split]
-        sequences, slots = [], []
+        sequences, slots, shared = [], [], []
         scores = torch.zeros(len(items), width)
         mask = torch.zeros(len(items), width, dtype=torch.bool)
         for b, item in enumerate(items):
+            shared.append(list(range(len(sequences), len(sequences) + len(item.responses))))  # one prompt each
             for k, response in enumerate(item.responses):
                 sequences.append(response)
                 slots.append(b * width + k)
             scores[b, : len(item.scores)] = torch.tensor(item.scores)
             mask[b, : len(item.scores)] = True
-        batch = collate(sequences, self.tokenizer.pad_token_id, train.packing, train.padding_free, self.recipe.data.max_length)
+        batch = self.pack(sequences, shared, self.recipe.data.max_length)
         return RankedBatch(batch, torch.tensor(slots), scores, mask, torch.tensor([i.index for i in items]), items[0].split)
 
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:

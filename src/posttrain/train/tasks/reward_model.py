@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_rated
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
@@ -198,7 +198,6 @@ class RewardModelTask(ClassifierTask):
         return (e.sequences[0] for e in examples)
 
     def collate(self, examples: list[RewardExample]) -> RewardBatch:
-        train = self.recipe.train
         sequences, pairs, pair_record, margins, sequence_record = [], [], [], [], []
         for r, example in enumerate(examples):
             if example.is_pair:
@@ -207,7 +206,7 @@ class RewardModelTask(ClassifierTask):
                 margins.append(example.margin)
             sequences += example.sequences
             sequence_record += [r] * len(example.sequences)
-        batch = collate(sequences, self.tokenizer.pad_token_id, train.packing, train.padding_free, self.recipe.data.max_length)
+        batch = self.pack(sequences, max_length=self.recipe.data.max_length)
         return RewardBatch(batch, last_positions(batch), torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
                            torch.tensor(pair_record, dtype=torch.long), torch.tensor(margins, dtype=torch.float64),
                            torch.from_numpy(np.concatenate([e.ratings for e in examples])), torch.tensor(sequence_record),
@@ -235,7 +234,7 @@ class RewardModelTask(ClassifierTask):
 
     def record_losses(self, module, rb: RewardBatch) -> tuple[torch.Tensor, dict]:
         b = rb.batch
-        scores, reward = module(b.input_ids, b.position_ids, b.attention_mask, rb.last_index)
+        scores, reward = module(b.input_ids, b.position_ids, b.attention_mask, rb.last_index, segments=b.segments)
         chosen, rejected = reward[rb.pairs[:, 0]], reward[rb.pairs[:, 1]]
         per_pair = bradley_terry(chosen, rejected, rb.margins, self.cfg.center_rewards_coefficient)
         losses = torch.zeros(rb.num_records, dtype=scores.dtype, device=scores.device).index_add(0, rb.pair_record, per_pair)

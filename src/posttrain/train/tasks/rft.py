@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.formats import Message, Segment
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.errors import UserError
@@ -56,13 +56,14 @@ class RFTTask(PoolTask):
 
     # -- a round's data -----------------------------------------------------------------------------
     def collate_pool(self, indices: list[int]) -> Batch:
-        examples = []
+        examples, shared = [], {}
         for i in indices:
             prompt, completion = self.pool[i]
+            shared.setdefault(tuple(prompt), []).append(len(examples))
             weights = np.zeros(len(prompt) + len(completion), np.float32)
             weights[len(prompt):] = 1.0
             examples.append(TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights, index=i))
-        return collate(examples, self.tokenizer.pad_token_id, self.recipe.train.packing, self.recipe.train.padding_free)
+        return self.pack(examples, list(shared.values()), shared_lengths=[len(prompt) for prompt in shared])
 
     @torch.no_grad()
     def collect(self, round_: int, step: int, examples: list) -> list[tuple[list[int], list[int]]]:
@@ -158,6 +159,6 @@ class RFTTask(PoolTask):
         return float(batch.num_targets)
 
     def loss(self, module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict]:
-        logps = module(*model_inputs(batch))
+        logps = module(**model_inputs(batch))
         weights = batch.target_weights.to(logps.dtype)
         return -(logps * weights).sum() / normalizer, {}

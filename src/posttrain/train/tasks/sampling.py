@@ -230,8 +230,10 @@ def eval_mode(module):
         module.train(was_training)
 
 
-def model_inputs(batch: Batch) -> tuple:
-    return batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids
+def model_inputs(batch: Batch) -> dict:
+    """The log-prob module's arguments for ``batch``, its layout included (a group's prompt is laid out once)."""
+    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": batch.attention_mask,
+            "target_index": batch.target_index, "target_ids": batch.target_ids, "segments": batch.segments}
 
 
 def user_message(text: str):

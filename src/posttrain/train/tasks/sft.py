@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_sft
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
@@ -83,8 +83,7 @@ class SFTTask(OfflineTask):
         return examples
 
     def collate(self, examples: list[TokenizedExample]) -> Batch:
-        train = self.recipe.train
-        return collate(examples, self.tokenizer.pad_token_id, train.packing, train.padding_free, self.recipe.data.max_length)
+        return self.pack(examples, max_length=self.recipe.data.max_length)
 
     def collate_train(self, examples: list[TokenizedExample], step: int) -> Batch:
         if self.on_policy:
@@ -182,7 +181,7 @@ class SFTTask(OfflineTask):
                                                      settings=f"top_k={d.top_k}|temperature={d.temperature}")
 
     def teacher_topk(self, teacher, batch: Batch) -> dict[str, torch.Tensor]:
-        hidden = final_hidden_states(teacher, batch.input_ids, batch.position_ids, batch.attention_mask)
+        hidden = final_hidden_states(teacher, batch.input_ids, batch.position_ids, batch.attention_mask, batch.segments)
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
         head = teacher.get_output_embeddings()
         ids, logps = target_topk(flat, head.weight, head.bias, self.cfg.distill.top_k, self.cfg.distill.temperature,
@@ -227,7 +226,7 @@ class SFTTask(OfflineTask):
     def loss(self, module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict]:
         teacher = self.teacher_targets(batch)
         out = module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids,
-                     teacher.get("ids"), teacher.get("logps"))
+                     teacher.get("ids"), teacher.get("logps"), segments=batch.segments)
         logps, divergence = out if teacher else (out, None)
         if "sequences" in self.spec.needs:  # PoFT
             active = (batch.target_weights > 0).to(logps.dtype)

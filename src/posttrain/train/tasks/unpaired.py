@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from posttrain.data.batching import Batch, collate
+from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_unpaired
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
@@ -122,13 +122,12 @@ class UnpairedTask(OfflineTask):
         return (e.example for e in examples if e.label)
 
     def collate(self, examples: list[LabelledExample]) -> UnpairedBatch:
-        train, pad = self.recipe.train, self.tokenizer.pad_token_id
-        batch = collate([e.example for e in examples], pad, train.packing, train.padding_free, self.recipe.data.max_length)
+        batch = self.pack([e.example for e in examples], max_length=self.recipe.data.max_length)
         mismatched = None
         if "kl" in self.spec.needs:
             dataset = self.datasets[examples[0].split]
             shifted = [self.mismatch(e, dataset[(e.index + 1) % len(dataset)]) for e in examples]
-            mismatched = collate(shifted, pad, train.packing, train.padding_free, self.recipe.data.max_length)
+            mismatched = self.pack(shifted, max_length=self.recipe.data.max_length)
         labels = torch.tensor([e.label for e in examples])
         return UnpairedBatch(batch, mismatched, labels, torch.tensor([e.index for e in examples]), examples[0].split)
 
