@@ -404,3 +404,29 @@ def test_rows_that_end_early_leave_the_batch_without_changing_any_sample(backend
         assert a.sampler_logps == pytest.approx(b.sampler_logps, abs=1e-12)
     for a, b in zip(free, together):
         assert a.token_ids[: len(b.token_ids)] == b.token_ids
+
+
+def test_a_groups_prompt_is_prefilled_once_without_changing_its_samples(backend, monkeypatch):
+    """GRPO samples a prompt many times: the batch prefills each distinct prompt once and copies its cache, and
+    every sample (tokens and sampler log-probs) is what it is when generated alone."""
+    from posttrain.rollout.backend import SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.0)
+    prompts, seeds = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2, [0, 1, 2, 3, 4]
+    prefilled = []
+    forward = backend.model.forward
+
+    def counting(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            prefilled.append(ids.shape[0])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", counting)
+    together = backend.generate(prompts, seeds, settings)
+    assert prefilled == [2]
+    alone = [backend.generate([p], [s], settings)[0] for p, s in zip(prompts, seeds)]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in together[:3]}) > 1  # different seeds, different samples
+    for a, b in zip(together, alone):
+        assert a.sampler_logps == pytest.approx(b.sampler_logps, abs=1e-12)

@@ -159,9 +159,10 @@ class TransformersBackend:
         return out
 
     def _batch(self, prompts: list[list[int]], seeds: list[int], settings: SamplingSettings) -> list[Completion]:
-        """Prefill the left-padded prompts once, then decode one token per row per forward pass. A row stops at EOS
-        (or once its tail holds a stop string) and finished rows leave the batch as soon as they are a quarter of it,
-        so the passes shrink with the work left instead of running every row to the longest."""
+        """Prefill each distinct left-padded prompt once (a group's samples copy its cache), then decode one token
+        per row per forward pass. A row stops at EOS (or once its tail holds a stop string) and finished rows leave
+        the batch as soon as they are a quarter of it, so the passes shrink with the work left instead of running
+        every row to the longest."""
         device = next(self.model.parameters()).device
         rows, width = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
@@ -169,7 +170,10 @@ class TransformersBackend:
         for r, prompt in enumerate(prompts):
             input_ids[r, width - len(prompt):] = torch.tensor(prompt)
             mask[r, : width - len(prompt)] = 0
-        model, inputs, virtual = _prompt_inputs(self.model, input_ids.to(device))
+        distinct: dict[tuple, int] = {}
+        source = torch.tensor([distinct.setdefault(tuple(p), r) for r, p in enumerate(prompts)])
+        firsts = torch.tensor(sorted(distinct.values()))
+        model, inputs, virtual = _prompt_inputs(self.model, input_ids[firsts].to(device))
         mask = torch.cat([torch.ones((rows, virtual), dtype=torch.long), mask], 1).to(device)
         width += virtual
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
@@ -180,8 +184,12 @@ class TransformersBackend:
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logps: list[list[float]] = [[] for _ in range(rows)]
         live, done = list(range(rows)), [False] * rows  # batch row -> prompt row; prompt rows that ended
-        logits = model(**inputs, **_last_logits_only(model), attention_mask=mask[:, :width], position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(**inputs, **_last_logits_only(model), attention_mask=mask[firsts, :width],
+                       position_ids=positions[firsts], past_key_values=cache, use_cache=True).logits[:, -1]
+        if len(firsts) < rows:  # each row takes its prompt's cache and logits
+            expand = torch.searchsorted(firsts, source).to(device)
+            cache.reorder_cache(expand)
+            logits = logits[expand]
         positions = positions[:, -1] + 1
         for step in range(settings.max_new_tokens):
             picked, picked_logps = sampler(logits, live)
