@@ -36,11 +36,15 @@ def test_packed_and_unpacked_loss_and_gradients_are_equal(mode):
     padded = collate(batch_examples, pad_id=2, packing=False)
     packed = collate(batch_examples, pad_id=2, **mode)
     assert packed.attention_mask is None and packed.input_ids.numel() < padded.input_ids.numel()
-    loss_a, grads_a = loss_and_grads(model, padded)
-    loss_b, grads_b = loss_and_grads(model, packed)
-    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=0)
+    assert_same_training(model, padded, packed, atol=1e-5)
+
+
+def assert_same_training(model, one, other, atol: float):
+    loss_a, grads_a = loss_and_grads(model, one)
+    loss_b, grads_b = loss_and_grads(model, other)
+    torch.testing.assert_close(loss_a, loss_b, atol=atol, rtol=0)
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=atol, rtol=0, msg=name)
 
 
 def test_packing_would_differ_without_the_position_reset():
@@ -109,11 +113,7 @@ def test_per_sequence_attention_in_one_row_equals_padded_rows():
     padded = collate(batch_examples, pad_id=2, packing=False)
     row = collate(batch_examples, pad_id=2, packing=True, max_length=40, segments=True)
     assert row.input_ids.shape == (1, 101) and len(row.segments.rows[0]) == 6
-    loss_a, grads_a = loss_and_grads(model, padded)
-    loss_b, grads_b = loss_and_grads(model, row)
-    torch.testing.assert_close(loss_a, loss_b, atol=1e-10, rtol=0)
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-10, rtol=0, msg=name)
+    assert_same_training(model, padded, row, atol=1e-10)
 
 
 def test_shared_prompts_are_computed_once_and_change_nothing():

@@ -10,6 +10,8 @@ the accumulation setting nor the number of processes changes the loss or the gra
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import math
 import time
@@ -99,6 +101,7 @@ class Engine:
         clock = time.perf_counter()
         window = {"tokens": 0, "start": clock}
         module.train()
+        release_freed_memory()  # what loading the model and the data left behind
         with StopRequests(self.say) as stop:  # said by the main process only
             for step in range(start_step, self.total_steps):
                 loss, grad_norm, tokens, metrics = self.train_step(step, module, optimizer, state)
@@ -318,6 +321,22 @@ def peak_memory_gb(device) -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed memory back to the system: glibc keeps what loading the model and the data freed in its heap,
+    where the activations of training often cannot reuse it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _accumulate(totals: dict[str, float], metrics: dict) -> None:
