@@ -122,26 +122,37 @@ def collate(
     )
 
 
-def _collate_segments(examples: list[TokenizedExample], groups: list[list[int]], caps: list[int] | None) -> Batch:
-    # With explicit lengths even a group of one lays its prompt out apart, so each answer is computed the same way
+@dataclass
+class SegmentLayout:
+    """Sequences laid out in one row by :func:`segment_layout`."""
+
+    input_ids: np.ndarray  # [T]
+    position_ids: np.ndarray  # [T]
+    segments: Segments
+    where: list[np.ndarray]  # each sequence's tokens' places in the row, its shared prefix included
+
+
+def segment_layout(sequences: list[np.ndarray], groups: list[list[int]], caps: list[int] | None = None) -> SegmentLayout:
+    """One row holding ``sequences`` with each group's common prefix (at most ``caps[g]`` tokens) laid out once."""
+    # With explicit caps even a group of one lays its prompt out apart, so each answer is computed the same way
     # whoever shares its micro-batch; without them a lone sequence is one span.
-    caps = caps or [0 if len(g) == 1 else max(len(examples[i].input_ids) for i in g) for g in groups]
+    caps = caps or [0 if len(g) == 1 else max(len(sequences[i]) for i in g) for g in groups]
     grouped = {i for group in groups for i in group}
     groups = sorted([(list(g), cap) for g, cap in zip(groups, caps) if g]
-                    + [([i], 0) for i in range(len(examples)) if i not in grouped], key=lambda g: min(g[0]))
+                    + [([i], 0) for i in range(len(sequences)) if i not in grouped], key=lambda g: min(g[0]))
     input_ids, position_ids, spans = [], [], []
-    where: list[np.ndarray] = [np.zeros(0, np.int64)] * len(examples)  # each example's token positions in the row
+    where: list[np.ndarray] = [np.zeros(0, np.int64)] * len(sequences)
     offset = 0
     for group, cap in groups:
-        sequences = [examples[i].input_ids for i in group]
-        shared = min(common_prefix_length(sequences), cap)
+        members = [sequences[i] for i in group]
+        shared = min(common_prefix_length(members), cap)
         prefix = (offset, offset + shared)
         if shared:
             spans.append((offset, offset + shared, offset, offset))
-            input_ids.append(sequences[0][:shared])
+            input_ids.append(members[0][:shared])
             position_ids.append(np.arange(shared))
             offset += shared
-        for i, sequence in zip(group, sequences):
+        for i, sequence in zip(group, members):
             own = len(sequence) - shared
             if own:
                 spans.append((offset, offset + own, *prefix) if shared else (offset, offset + own, offset, offset))
@@ -149,10 +160,17 @@ def _collate_segments(examples: list[TokenizedExample], groups: list[list[int]],
                 position_ids.append(np.arange(shared, len(sequence)))
             where[i] = np.concatenate([np.arange(*prefix), np.arange(offset, offset + own)])
             offset += own
+    return SegmentLayout(np.concatenate(input_ids).astype(np.int64), np.concatenate(position_ids), Segments([spans]),
+                         where)
+
+
+def _collate_segments(examples: list[TokenizedExample], groups: list[list[int]], caps: list[int] | None) -> Batch:
+    layout = segment_layout([e.input_ids for e in examples], groups, caps)
+    where = layout.where
     targets = [np.nonzero(e.weights[1:])[0] for e in examples]  # position t predicts token t + 1
     return Batch(
-        input_ids=torch.from_numpy(np.concatenate(input_ids).astype(np.int64)[None]),
-        position_ids=torch.from_numpy(np.concatenate(position_ids)[None]),
+        input_ids=torch.from_numpy(layout.input_ids[None]),
+        position_ids=torch.from_numpy(layout.position_ids[None]),
         attention_mask=None,
         target_index=torch.from_numpy(np.concatenate([where[i][t] for i, t in enumerate(targets)])),
         target_ids=torch.from_numpy(np.concatenate([e.input_ids[t + 1] for e, t in zip(examples, targets)])),
@@ -162,7 +180,7 @@ def _collate_segments(examples: list[TokenizedExample], groups: list[list[int]],
         num_examples=len(examples),
         num_tokens=int(sum(len(e.input_ids) for e in examples)),
         example_index=torch.tensor([e.index for e in examples]),
-        segments=Segments([spans]),
+        segments=layout.segments,
     )
 
 

@@ -3,9 +3,10 @@
 A *generation backend* turns prompt token ids into completions with the policy's current weights
 (LoRA adapters active) and reports, per completion: the token ids, the sampler's log-probability of
 each sampled token at the sampling temperature (to compare with the trainer's), and whether the
-token budget cut it off. The default backend decodes with the model itself: left-padded prompts
-prefilled once, then one forward pass per token over the rows still writing (a KV cache; rows that
-ended leave the batch).
+token budget cut it off. The default backend decodes with the model itself: the batch's distinct
+prompts prefilled once (packed in one row with their common start computed once, where the model
+attends per sequence), then one forward pass per token over the rows still writing, with a KV cache
+written in place (rollout/kv_cache.py); rows that ended leave the batch.
 
 Each completion's randomness is its own: sampling is Gumbel-max over the processed logits with noise
 from a generator seeded by (seed, step, prompt, sample), so what a prompt's k-th sample is does not
@@ -21,6 +22,8 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
+
+from posttrain.rollout.kv_cache import prefill_packed, reserved_cache
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ class TransformersBackend:
         return out
 
     def _batch(self, prompts: list[list[int]], seeds: list[int], settings: SamplingSettings) -> list[Completion]:
-        """Prefill each distinct left-padded prompt once (a group's samples copy its cache), then decode one token
+        """Prefill each distinct prompt once (a group's samples copy its cache), then decode one token
         per row per forward pass. A row stops at EOS (or once its tail holds a stop string) and finished rows leave
         the batch as soon as they are a quarter of it, so the passes shrink with the work left instead of running
         every row to the longest."""
@@ -177,15 +180,15 @@ class TransformersBackend:
         mask = torch.cat([torch.ones((rows, virtual), dtype=torch.long), mask], 1).to(device)
         width += virtual
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
+        cache = reserved_cache(model.config, width + settings.max_new_tokens)
         sampler = _Sampler(seeds, settings, device)
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logps: list[list[float]] = [[] for _ in range(rows)]
         live, done = list(range(rows)), [False] * rows  # batch row -> prompt row; prompt rows that ended
-        logits = model(**inputs, **_last_logits_only(model), attention_mask=mask[firsts, :width],
-                       position_ids=positions[firsts], past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = None if virtual else prefill_packed(model, cache, [prompts[f] for f in firsts.tolist()], width)
+        if logits is None:
+            logits = model(**inputs, **_last_logits_only(model), attention_mask=mask[firsts, :width],
+                           position_ids=positions[firsts], past_key_values=cache, use_cache=True).logits[:, -1]
         if len(firsts) < rows:  # each row takes its prompt's cache and logits
             expand = torch.searchsorted(firsts, source).to(device)
             cache.reorder_cache(expand)
