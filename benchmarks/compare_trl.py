@@ -137,8 +137,8 @@ def trl_lora():
 
 
 def posttrain_run(command: str, base: str | None, overrides: dict, record_batches: bool = False):
-    """Run a posttrain command in this process; its metrics lines and, if asked, every collated batch's
-    (sequence lengths, targets) in order."""
+    """Run a posttrain command in this process; its metrics lines and, if asked, every collated training micro-batch's
+    (step, sequence lengths, targets) in order."""
     from posttrain.config import load_recipe
     from posttrain.train.run import run
 
@@ -146,17 +146,18 @@ def posttrain_run(command: str, base: str | None, overrides: dict, record_batche
     if record_batches:
         from posttrain.train.tasks import sft
 
-        collate = sft.SFTTask.collate
+        collate_train = sft.SFTTask.collate_train
 
-        def recording(self, examples):
-            batch = collate(self, examples)
-            batches.append(([len(e.input_ids) for e in examples], batch.num_targets))
+        def recording(self, examples, step):
+            batch = collate_train(self, examples, step)
+            batches.append((step, [len(e.input_ids) for e in examples], batch.num_targets))
             return batch
 
-        sft.SFTTask.collate = recording
+        sft.SFTTask.collate_train = recording
     with tempfile.TemporaryDirectory() as out:
         overrides = {"output_dir": out, "train.report_to": "[]", "train.save_every": "null", "data.eval": "null",
-                     "train.eval_every": "null", "train.scheduler": "constant", **overrides}
+                     "train.eval_every": "null", "train.scheduler": "constant", **overrides,
+                     **json.loads(os.environ.get("POSTTRAIN_BENCH_SET", "{}"))}
         recipe = load_recipe(command, base, [f"{k}={v}" for k, v in overrides.items()])
         run(command, recipe)
         logged = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -178,7 +179,8 @@ def posttrain_sft(steps: int, lora: bool) -> dict:
     tokens = logged[-1]["tokens"] - logged[0]["tokens"]
     result = {"throughput": tokens / seconds, "s_per_step": seconds / (len(logged) - 1)}
     if batches:
-        result["model_flops_per_s"] = sft_flops(batches[1 : len(logged)]) / seconds
+        timed = [(lengths, targets) for step, lengths, targets in batches if 1 <= step < len(logged)]
+        result["model_flops_per_s"] = sft_flops(timed) / seconds
     return result
 
 
@@ -395,6 +397,8 @@ def summarize(workload: str, runs: dict[str, list[dict]]) -> dict:
             "posttrain_peak_rss_gb": median("posttrain", "peak_rss_gb"),
             f"{baseline}_peak_rss_gb": median("baseline", "peak_rss_gb"),
             "memory_ratio": round(median("posttrain", "peak_rss_gb") / median("baseline", "peak_rss_gb"), 2)}
+    if os.environ.get("POSTTRAIN_BENCH_SET"):
+        line["posttrain_set"] = json.loads(os.environ["POSTTRAIN_BENCH_SET"])
     for key in ("s_per_step", "completion_tokens_per_step"):
         if median("posttrain", key) is not None:
             line[f"posttrain_{key}"], line[f"{baseline}_{key}"] = round(median("posttrain", key), 3), median("baseline", key)
@@ -426,8 +430,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repetition of each workload")
     parser.add_argument("--steps", type=int, help="optimizer steps per training run (default: per workload)")
     parser.add_argument("--out", help="also write the JSON lines here")
+    parser.add_argument("--posttrain-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for posttrain's training runs, to measure a trade-off "
+                        "(e.g. train.max_tokens_per_micro_batch=700); not part of the side-by-side defaults")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.posttrain_set:
+        os.environ["POSTTRAIN_BENCH_SET"] = json.dumps(dict(item.split("=", 1) for item in args.posttrain_set))
     if args.one:
         workload, side = args.one
         print("RESULT " + json.dumps(run_side(workload, side, args.steps or STEPS[workload])), flush=True)

@@ -14,13 +14,23 @@ from helpers import assert_weights_close, final_weights, metrics, run_sft, tiny_
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
-def test_accumulation_does_not_change_loss_or_updates(tiny_model_dir, tmp_path, peft):
+def test_accumulation_does_not_change_loss_or_updates(tiny_model_dir, tmp_path, peft, monkeypatch):
+    """8 x 1 = 2 x 4 = 1 x 8, and = 8 x 1 cut by a token budget into uneven micro-batches."""
+    from posttrain.train.tasks.sft import SFTTask
+
+    collated = []
+    collate_train = SFTTask.collate_train
+    monkeypatch.setattr(SFTTask, "collate_train", lambda self, examples, step: collated.append(len(examples))
+                        or collate_train(self, examples, step))
     runs = {}
-    for batch_size, accum in [(8, 1), (2, 4), (1, 8)]:
-        out = tmp_path / f"{batch_size}x{accum}"
-        run_sft(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "peft.method": peft})
-        runs[(batch_size, accum)] = (metrics(out), final_weights(out))
-    reference_metrics, reference_weights = runs[(8, 1)]
+    for batch_size, accum, budget in [(8, 1, None), (2, 4, None), (1, 8, None), (8, 1, 600)]:
+        out = tmp_path / f"{batch_size}x{accum}-{budget}"
+        collated.clear()
+        run_sft(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "peft.method": peft,
+                                        "train.max_tokens_per_micro_batch": budget or "null"})
+        runs[(batch_size, accum, budget)] = (metrics(out), final_weights(out))
+    assert len(collated) > 3 and sum(collated) == 3 * 8 and len(set(collated)) > 1  # the budget cut the batches
+    reference_metrics, reference_weights = runs[(8, 1, None)]
     for key, (logged, weights) in runs.items():
         for a, b in zip(reference_metrics, logged):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), key

@@ -176,6 +176,7 @@ def test_evaluation_reports_accuracy_with_an_interval(tiny_model_dir, tmp_path):
     ({"rl.kl_estimator": "none", "rl.kl_coef": 0.1}, "kl_estimator"),
     ({"rl.advantage": "gae"}, "gae"),
     ({"rewards": "[{name: nope}]"}, "unknown reward"),
+    ({"train.max_tokens_per_micro_batch": 100}, "forms its own"),
 ])
 def test_recipe_errors(tiny_model_dir, tmp_path, overrides, message):
     from posttrain.errors import UserError

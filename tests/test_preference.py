@@ -124,13 +124,22 @@ def test_weights_fingerprint_sees_one_changed_value_and_the_dtype():
     assert len({first, second, weights_fingerprint(model.double())}) == 3
 
 
-def test_dpo_accumulation_is_a_mean_over_pairs(tiny_model_dir, tmp_path):
+def test_dpo_accumulation_is_a_mean_over_pairs(tiny_model_dir, tmp_path, monkeypatch):
+    """4 x 1 = 1 x 4 = 2 x 2, and = 4 x 1 cut by a token budget."""
+    from posttrain.train.tasks.preference import PreferenceTask
+
+    collated = []
+    collate_train = PreferenceTask.collate_train
+    monkeypatch.setattr(PreferenceTask, "collate_train", lambda self, pairs, step: collated.append(len(pairs))
+                        or collate_train(self, pairs, step))
     data = pairs_file(tmp_path)
-    for batch_size, accum in [(4, 1), (1, 4), (2, 2)]:
-        run_dpo(tiny_model_dir, tmp_path / f"{batch_size}x{accum}", data,
-                **{"train.batch_size": batch_size, "train.grad_accum": accum, "reference": "adapter_disabled"})
+    for batch_size, accum, budget in [(4, 1, None), (1, 4, None), (2, 2, None), (4, 1, 200)]:
+        run_dpo(tiny_model_dir, tmp_path / (f"{batch_size}x{accum}" + ("-budget" if budget else "")), data,
+                **{"train.batch_size": batch_size, "train.grad_accum": accum, "reference": "adapter_disabled",
+                   "train.max_tokens_per_micro_batch": budget or "null"})
+    assert collated[-6:] == [2, 2] * 3  # the budget run: 3 steps of 4 pairs in two micro-batches each
     reference = metrics(tmp_path / "4x1")
-    for name in ("1x4", "2x2"):
+    for name in ("1x4", "2x2", "4x1-budget"):
         for a, b in zip(reference, metrics(tmp_path / name)):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
             assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-6)

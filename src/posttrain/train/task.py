@@ -119,6 +119,11 @@ class OfflineTask:
 
         self.accelerator = accelerator
         self.segments = uses_segment_attention(model)
+        if self.recipe.train.max_tokens_per_micro_batch and type(self).step_batches is not OfflineTask.step_batches:
+            from posttrain.errors import UserError
+
+            raise UserError(f"train.max_tokens_per_micro_batch splits the micro-batches of training on a fixed "
+                            f"dataset; {self.name} forms its own: lower its batch sizes instead")
 
     def pack(self, sequences: list, groups: list[list[int]] | None = None, max_length: int | None = None,
              shared_lengths: list[int] | None = None):
@@ -179,8 +184,18 @@ class OfflineTask:
         world, rank = self.processes()
         size, per_rank = self.recipe.train.batch_size, self.recipe.train.batch_size * self.recipe.train.grad_accum
         mine = self.step_indices(step, len(examples))[rank * per_rank : (rank + 1) * per_rank]
-        return [self.collate_train([examples[i] for i in mine[j : j + size]], step).to(self.device)
-                for j in range(0, per_rank, size)]
+        return [batch.to(self.device) for j in range(0, per_rank, size)
+                for batch in self.within_token_budget([examples[i] for i in mine[j : j + size]], step)]
+
+    def within_token_budget(self, examples: list, step: int) -> list:
+        """The micro-batch of ``examples``, halved (recursively, whole examples) while its layout holds more than
+        ``train.max_tokens_per_micro_batch`` tokens. The engine normalizes each micro-batch's loss by the whole
+        step's, so the parts add up to the same step loss and gradient."""
+        budget = self.recipe.train.max_tokens_per_micro_batch
+        if budget and len(examples) > 1 and laid_out_tokens(self.collate(examples)) > budget:
+            half = (len(examples) + 1) // 2
+            return self.within_token_budget(examples[:half], step) + self.within_token_budget(examples[half:], step)
+        return [self.collate_train(examples, step)]
 
     def collate_train(self, examples: list, step: int):
         """Training batches; the same as evaluation batches unless a task transforms its inputs."""
@@ -238,3 +253,8 @@ def source_names(paths: set[str]) -> dict[str, str]:
     stems = {path: Path(path).stem for path in paths}
     clashing = {stem for stem in stems.values() if list(stems.values()).count(stem) > 1}
     return {path: path if stem in clashing else stem for path, stem in stems.items()}
+
+
+def laid_out_tokens(batch) -> int:
+    """Token slots a micro-batch's forward runs over (padding and shared prompts as laid out)."""
+    return (batch if hasattr(batch, "input_ids") else batch.batch).input_ids.numel()
