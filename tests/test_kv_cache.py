@@ -27,9 +27,9 @@ def tiny(family: str, vocab: int):
     return AutoModelForCausalLM.from_config(config).double().eval()
 
 
-def generate(model, tokenizer, transformers_cache: bool, monkeypatch) -> tuple[list, list[int]]:
+def generate(model, tokenizer, transformers_cache: bool, monkeypatch, prompts=PROMPTS) -> tuple[list, list[int]]:
     """The completions, and the shape of each multi-token forward (the prefills)."""
-    backend = TransformersBackend(model, tokenizer, batch_size=len(PROMPTS))
+    backend = TransformersBackend(model, tokenizer, batch_size=len(prompts))
     backend.eos_ids = backend.eos_ids | set(range(100, 140))  # rows end at different steps and leave the batch
     prefills, forward = [], model.forward
 
@@ -43,7 +43,7 @@ def generate(model, tokenizer, transformers_cache: bool, monkeypatch) -> tuple[l
         patch.setattr(model, "forward", recording)
         if transformers_cache:
             patch.setattr(backend_module, "reserved_cache", lambda config, capacity: DynamicCache(config=config))
-        completions = backend.generate(PROMPTS, list(range(len(PROMPTS))), SamplingSettings(max_new_tokens=12, temperature=1.0))
+        completions = backend.generate(prompts, list(range(len(prompts))), SamplingSettings(max_new_tokens=12, temperature=1.0))
     return completions, prefills
 
 
@@ -66,3 +66,10 @@ def test_in_place_cache_and_packed_prefill_sample_what_transformers_cache_sample
     for a, b in zip(ours, reference):
         assert a.token_ids == b.token_ids
         assert a.sampler_logps == pytest.approx(b.sampler_logps, abs=1e-10)
+
+
+def test_a_batch_with_an_empty_prompt_keeps_the_padded_prefill(tiny_tokenizer, monkeypatch):
+    model = tiny("llama", len(tiny_tokenizer))
+    assert use_segment_attention(model)
+    completions, prefills = generate(model, tiny_tokenizer, False, monkeypatch, prompts=[[5, 6, 7], []])
+    assert prefills == [(2, 3)] and all(c.token_ids for c in completions)

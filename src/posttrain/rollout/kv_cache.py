@@ -26,7 +26,7 @@ class ReservedLayer(DynamicLayer):
         super().__init__()
         self.capacity = capacity
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.gather: tuple[torch.Tensor, int, int] | None = None  # set by packed_prefill for the next update only
+        self.gather: tuple[torch.Tensor, int, int] | None = None  # set by prefill_packed, for the next update only
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -78,13 +78,15 @@ def reserved_cache(config, capacity: int) -> DynamicCache:
 
 def prefill_packed(model, cache: DynamicCache, prompts: list[list[int]], width: int) -> torch.Tensor | None:
     """Prefill left-padded ``prompts`` (at most ``width`` tokens) as one packed row, their common prefix once; the
-    next-token logits of each [P, V], or None where the model cannot (no per-sequence attention, sliding windows)."""
+    next-token logits of each [P, V], or None where the model cannot (no per-sequence attention, sliding windows) or
+    a prompt is empty."""
     import numpy as np
 
     from posttrain.data.batching import common_prefix_length, segment_layout
     from posttrain.ops.attention import uses_segment_attention
 
-    if not uses_segment_attention(model) or not all(isinstance(layer, ReservedLayer) for layer in cache.layers):
+    if not uses_segment_attention(model) or not all(isinstance(layer, ReservedLayer) for layer in cache.layers) \
+            or not all(prompts):
         return None
     sequences = [np.asarray(p, dtype=np.int64) for p in prompts]
     shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)  # each keeps a last token
