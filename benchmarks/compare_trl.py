@@ -411,7 +411,8 @@ def summarize(workload: str, runs: dict[str, list[dict]]) -> dict:
 
 def table(lines: list[dict]) -> str:
     rows = [f"Measured {date.today()} on {cpu_name()} ({os.cpu_count()} threads), median of "
-            f"{lines[0]['reps'] if lines else 0} alternating runs each, fp32.", "",
+            f"{lines[0]['reps'] if lines else 0} alternating runs each, fp32"
+            + (f"; posttrain with {lines[0]['posttrain_set']}." if lines and "posttrain_set" in lines[0] else "."), "",
             "| workload | posttrain | baseline | speedup | peak RSS posttrain / baseline | memory ratio |",
             "|---|---|---|---|---|---|"]
     for line in lines:

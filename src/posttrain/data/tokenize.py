@@ -34,6 +34,13 @@ class TokenizedExample:
         return int((self.weights > 0).sum())
 
 
+def completion_example(prompt: list[int], completion: list[int], weights=1.0, index: int = -1) -> TokenizedExample:
+    """``prompt + completion`` trained on the completion only (``weights``: one value, or one per completion token)."""
+    example_weights = np.zeros(len(prompt) + len(completion), np.float32)
+    example_weights[len(prompt):] = weights
+    return TokenizedExample(np.array(prompt + completion, dtype=np.int64), example_weights, index=index)
+
+
 class ChatFormatter:
     """Renders conversations with one chat template and finds the character spans of assistant turns."""
 

@@ -53,10 +53,15 @@ class TargetLogprobs(nn.Module):
         return target_logprobs(flat, head.weight, target_ids, bias, self.chunk_size, self.with_sum_sq, self.with_entropy)
 
 
+def model_inputs(batch: Batch) -> dict:
+    """A log-prob module's arguments for ``batch``, its layout included (a group's prompt is laid out once)."""
+    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": batch.attention_mask,
+            "target_index": batch.target_index, "target_ids": batch.target_ids, "segments": batch.segments}
+
+
 def batch_logprobs(module: nn.Module, batch: Batch):
     """Log-probs [N] of ``batch.target_ids`` under ``module`` (a :class:`TargetLogprobs`, possibly DDP-wrapped)."""
-    return module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.target_index, batch.target_ids,
-                  segments=batch.segments)
+    return module(**model_inputs(batch))
 
 
 def per_example_sum(values: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -136,6 +136,14 @@ class OfflineTask:
         return collate(sequences, self.tokenizer.pad_token_id, train.packing, train.padding_free, max_length,
                        self.segments, groups, shared_lengths)
 
+    def pack_completions(self, examples: list, prompt_lengths: list[int]):
+        """A micro-batch of sampled completions (``examples`` = prompt + completion, ``prompt_lengths`` each): the
+        completions of one prompt share it, laid out once, and never more than the prompt is shared."""
+        shared: dict[tuple, list[int]] = {}
+        for i, (example, length) in enumerate(zip(examples, prompt_lengths)):
+            shared.setdefault(tuple(example.input_ids[:length].tolist()), []).append(i)
+        return self.pack(examples, list(shared.values()), shared_lengths=[len(prompt) for prompt in shared])
+
     # -- the data of one step ---------------------------------------------------------------------
     def track_sources(self, which: str, examples) -> None:
         """Note where the training examples came from (for the logged mixture)."""

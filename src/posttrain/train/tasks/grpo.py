@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from posttrain.data.batching import Batch
-from posttrain.data.tokenize import TokenizedExample
+from posttrain.data.tokenize import completion_example
 from posttrain.errors import UserError
 from posttrain.objectives.advantages import ADVANTAGES, advantages
 from posttrain.objectives.policy import POLICY_LOSSES, aggregation_weights, kl_estimate, sampler_correction
 from posttrain.rollout.backend import SamplingSettings, sample_seed
-from posttrain.train.forward import TargetLogprobs
+from posttrain.train.forward import TargetLogprobs, model_inputs
 from posttrain.train.reference import Reference
-from posttrain.train.tasks.sampling import PromptExample, SamplingTask, eval_mode, mean_or_zero, model_inputs
+from posttrain.train.tasks.sampling import PromptExample, SamplingTask, eval_mode, mean_or_zero
 
 
 def tool_masks(completions: list) -> list[list[int]] | None:
@@ -421,14 +421,9 @@ class GRPOTask(SamplingTask):
 
     def micro_batch(self, rollouts: Rollouts, members) -> RLBatch:
         members = list(members)
-        examples, shared = [], {}
-        for i in members:
-            prompt, completion = rollouts.prompt_ids[i], rollouts.completion_ids[i]
-            shared.setdefault(tuple(prompt), []).append(len(examples))
-            weights = np.zeros(len(prompt) + len(completion), np.float32)
-            weights[len(prompt):] = rollouts.mask(i)  # tool output tokens are context, not targets
-            examples.append(TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights, index=i))
-        batch = self.pack(examples, list(shared.values()), shared_lengths=[len(prompt) for prompt in shared])
+        examples = [completion_example(rollouts.prompt_ids[i], rollouts.completion_ids[i], rollouts.mask(i), index=i)
+                    for i in members]  # tool output tokens are context (weight 0), not targets
+        batch = self.pack_completions(examples, [len(rollouts.prompt_ids[i]) for i in members])
         counts = rollouts.model_tokens()
         offsets = np.cumsum([0] + counts)
         lengths = torch.tensor([counts[i] for i in members])

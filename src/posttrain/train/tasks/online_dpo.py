@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from posttrain.data.tokenize import TokenizedExample
+from posttrain.data.tokenize import completion_example
 from posttrain.errors import UserError
 from posttrain.evaluate.stats import wilson_interval
 from posttrain.rewards.judge import PairwiseJudge, round_robin
@@ -179,12 +179,8 @@ class OnlineDPOTask(PoolTask):
         return batches
 
     def collate_pool(self, indices: list[int]) -> WeightedPairs:
-        def side(prompt, completion):
-            weights = np.zeros(len(prompt) + len(completion), np.float32)
-            weights[len(prompt):] = 1.0
-            return TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights)
-
-        pairs = [PairExample(side(p, c), side(p, r), i, "train") for i in indices for p, c, r in [self.pool[i]]]
+        pairs = [PairExample(completion_example(p, c), completion_example(p, r), i, "train")
+                 for i in indices for p, c, r in [self.pool[i]]]
         return WeightedPairs(self.pairs.collate(pairs))
 
     def normalizer(self, batch: WeightedPairs) -> float:

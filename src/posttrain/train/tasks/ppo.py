@@ -25,9 +25,9 @@ from torch import nn
 from posttrain.errors import UserError
 from posttrain.objectives.policy import POLICY_LOSSES
 from posttrain.objectives.value import explained_variance, gae, value_loss
-from posttrain.train.forward import TargetLogprobs, target_hidden_states
+from posttrain.train.forward import TargetLogprobs, model_inputs, target_hidden_states
 from posttrain.train.tasks.grpo import GRPOTask, RLBatch, Rollouts
-from posttrain.train.tasks.sampling import eval_mode, mean_or_zero, model_inputs
+from posttrain.train.tasks.sampling import eval_mode, mean_or_zero
 
 
 class PolicyAndValue(TargetLogprobs):

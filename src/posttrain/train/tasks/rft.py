@@ -11,17 +11,16 @@ the original prompt. Rounds, their pool and its checkpointing are ``rounds.py``'
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from posttrain.data.batching import Batch
 from posttrain.data.formats import Message, Segment
-from posttrain.data.tokenize import TokenizedExample
+from posttrain.data.tokenize import completion_example
 from posttrain.errors import UserError
 from posttrain.rollout.backend import sample_seed
-from posttrain.train.forward import TargetLogprobs
+from posttrain.train.forward import TargetLogprobs, model_inputs
 from posttrain.train.tasks.rounds import PoolTask
-from posttrain.train.tasks.sampling import PromptExample, model_inputs
+from posttrain.train.tasks.sampling import PromptExample
 
 
 class RFTTask(PoolTask):
@@ -56,14 +55,8 @@ class RFTTask(PoolTask):
 
     # -- a round's data -----------------------------------------------------------------------------
     def collate_pool(self, indices: list[int]) -> Batch:
-        examples, shared = [], {}
-        for i in indices:
-            prompt, completion = self.pool[i]
-            shared.setdefault(tuple(prompt), []).append(len(examples))
-            weights = np.zeros(len(prompt) + len(completion), np.float32)
-            weights[len(prompt):] = 1.0
-            examples.append(TokenizedExample(np.array(prompt + completion, dtype=np.int64), weights, index=i))
-        return self.pack(examples, list(shared.values()), shared_lengths=[len(prompt) for prompt in shared])
+        examples = [completion_example(*self.pool[i], index=i) for i in indices]
+        return self.pack_completions(examples, [len(self.pool[i][0]) for i in indices])
 
     @torch.no_grad()
     def collect(self, round_: int, step: int, examples: list) -> list[tuple[list[int], list[int]]]:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from posttrain.data.batching import Batch
 from posttrain.data.formats import RecordChecker
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ChatFormatter, TokenizedExample
@@ -228,12 +227,6 @@ def eval_mode(module):
         yield
     finally:
         module.train(was_training)
-
-
-def model_inputs(batch: Batch) -> dict:
-    """The log-prob module's arguments for ``batch``, its layout included (a group's prompt is laid out once)."""
-    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "attention_mask": batch.attention_mask,
-            "target_index": batch.target_index, "target_ids": batch.target_ids, "segments": batch.segments}
 
 
 def user_message(text: str):
