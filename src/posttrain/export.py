@@ -31,14 +31,17 @@ def export_checkpoint(run_dir: Path, name: str, out: Path) -> None:
 
     from posttrain.config import Recipe
 
+    from posttrain.train import sharding
+
     directory = run_dir / "checkpoints" / name
-    if not (directory / "trainable.safetensors").exists():
+    sharded = (directory / sharding.SHARDED).is_dir()
+    if not sharded and not (directory / "trainable.safetensors").exists():
         raise UserError(f"export: {directory} is not a complete checkpoint")
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.exists():
         raise UserError(f"export: {recipe_file} is missing")
     tree = yaml.safe_load(recipe_file.read_text())
-    weights = load_file(directory / "trainable.safetensors")
+    weights = sharding.full_trainable_weights(directory) if sharded else load_file(directory / "trainable.safetensors")
     classifier = next((command for command in ("rm", "prm") if command in tree), None)  # their own recipe section
     if classifier:
         return export_classifier_checkpoint(classifier, tree, weights, out)

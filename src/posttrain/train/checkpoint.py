@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from posttrain.errors import UserError
+from posttrain.train import sharding
+
 _STEP = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 
@@ -71,10 +74,14 @@ def write_rank_state(staging: Path, rank: int) -> None:
     save_file(rng_tensors(), staging / f"rng-{rank}.safetensors")
 
 
-def write_main_state(staging: Path, model, optimizer, scheduler, state: dict, task_state: dict) -> None:
-    """The task's state goes to ``task.safetensors`` (its tensors) and ``state.json`` (everything else)."""
-    save_file(trainable_state(model), staging / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+def write_main_state(staging: Path, weights: tuple | None, scheduler, state: dict, task_state: dict) -> None:
+    """``weights``: (model, optimizer) whose trainable parameters and optimizer state the main process writes, or
+    None where every process wrote its shard of them (``sharding.save_sharded``). The task's state goes to
+    ``task.safetensors`` (its tensors) and ``state.json`` (everything else)."""
+    if weights is not None:
+        model, optimizer = weights
+        save_file(trainable_state(model), staging / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     tensors = {k: v.detach().cpu().contiguous() for k, v in task_state.items() if isinstance(v, torch.Tensor)}
     if tensors:
@@ -114,10 +121,10 @@ def file_sha256(path: Path) -> str:
 def write_manifest(staging: Path) -> None:
     """Sync every file, then record its size and sha256; the manifest is written last and marks completeness."""
     files = {}
-    for file in sorted(staging.iterdir()):
+    for file in sorted(p for p in staging.rglob("*") if p.is_file()):  # sharded/ holds each process's part
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-        files[file.name] = {"size": file.stat().st_size, "sha256": file_sha256(file)}
+        files[file.relative_to(staging).as_posix()] = {"size": file.stat().st_size, "sha256": file_sha256(file)}
     with open(staging / MANIFEST, "w") as handle:
         handle.write(json.dumps({"files": files}, indent=1))
         handle.flush()
@@ -189,7 +196,22 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int) -> dict:
+def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int, sharded: bool = False) -> dict:
+    """Restore a checkpoint into this run (``sharded``: its parameters are split over the processes). A sharded
+    checkpoint loads into any launch; an unsharded one only into an unsharded launch."""
+    if (directory / sharding.SHARDED).is_dir():
+        sharding.load_sharded(directory, model, optimizer)
+    elif sharded:
+        raise UserError(f"{directory} was written by an unsharded run; resume it without FSDP (the same launch as "
+                        "before), or start a new output_dir")
+    else:
+        _load_whole(directory, model, optimizer)
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    restore_rng(directory, rank)
+    return json.loads((directory / "state.json").read_text())
+
+
+def _load_whole(directory: Path, model, optimizer) -> None:
     weights = load_file(directory / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
@@ -199,6 +221,3 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int) -> 
         for name, value in weights.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-    restore_rng(directory, rank)
-    return json.loads((directory / "state.json").read_text())

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from posttrain.config import Recipe, dump_recipe
 from posttrain.errors import Stopped, UserError
 from posttrain.train import checkpoint as ckpt
+from posttrain.train import sharding
 from posttrain.train.signals import StopRequests
 from posttrain.train.task import sum_over_processes
 
@@ -47,6 +48,8 @@ class Engine:
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        sharding.check_supported(accelerator)
+        self.sharded = sharding.is_sharded(accelerator)
         self.examples_per_step = task.examples_per_step()
         if len(train_examples) < self.examples_per_step:
             raise UserError(
@@ -152,6 +155,8 @@ class Engine:
         module = self.task.module(self.model)
         optimizer = self.build_optimizer()
         scheduler = self.build_scheduler(optimizer)  # not acc.prepare'd: it would step once per process
+        if self.sharded:
+            sharding.wrap_decoder_layers(self.acc, module)
         module, optimizer = self.acc.prepare(module, optimizer)
         self.module = module
         return module, optimizer, scheduler
@@ -171,7 +176,7 @@ class Engine:
         if not checkpoints and (self.out / "final").exists():
             self.say(f"{self.out} holds a finished run without checkpoints: training again from step 0 (final/ is replaced)")
         if checkpoints:
-            state = ckpt.load_checkpoint(checkpoints[-1], self.trained, optimizer, scheduler, self.rank)
+            state = ckpt.load_checkpoint(checkpoints[-1], self.trained, optimizer, scheduler, self.rank, self.sharded)
             self.task.load_state_dict(ckpt.load_task_state(checkpoints[-1], state.pop("task", {})))
             self.say(f"resuming from {checkpoints[-1]} (step {state['step']} of {self.total_steps})")
         return state
@@ -206,17 +211,24 @@ class Engine:
             return 0.0, 0.0, 0, {**self.task.step_metrics(), **self.task.data_mixture(), "time/batches_s": batches_s}
         loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         metric_totals: dict[str, float] = {}
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(module)
+        # sharded forwards are collective: a process with fewer micro-batches repeats its first one at weight 0
+        passes = sharding.most_over_processes(len(batches), acc) if self.sharded else len(batches)
+        for i in range(passes):
+            sync = contextlib.nullcontext() if i == passes - 1 else acc.no_sync(module)
             with sync:
-                loss, metrics = self.task.loss(module, batch, normalizer)
-                acc.backward(loss * self.world)  # DDP averages gradients over processes; we want the global sum
+                loss, metrics = self.task.loss(module, batches[i] if i < len(batches) else batches[0], normalizer)
+                if i >= len(batches):
+                    loss, metrics = loss * 0.0, {}
+                acc.backward(loss * self.world)  # DDP and FSDP average gradients over processes; we want the global sum
             loss_total += loss.detach()
             _accumulate(metric_totals, metrics)
         tokens = int(self.reduce(sum(b.num_tokens for b in batches)))
         step_loss = self.reduce(float(loss_total))
         params = [p for p in self.trained.parameters() if p.requires_grad]
-        grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else _grad_norm(params))
+        if cfg.max_grad_norm or self.sharded:  # accelerate adds up the norms of sharded gradients; inf: no clipping
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+        else:
+            grad_norm = float(_grad_norm(params))
         if math.isfinite(step_loss) and math.isfinite(grad_norm):
             state["bad_steps"] = 0
             optimizer.step()
@@ -233,6 +245,8 @@ class Engine:
         return step_loss, grad_norm, tokens, {**_ratios(self.reduce_dict(metric_totals)), **self.task.step_metrics(), **self.task.data_mixture(), **timing}
 
     def finish(self, module, elapsed: float, state: dict, start_step: int, history: dict) -> dict:
+        if self.sharded:  # final/ is one ordinary model: gathered on the main process
+            sharding.consolidate(module, self.acc.is_main_process)
         if self.acc.is_main_process:
             self.task.save_final(self.acc.unwrap_model(module).model, self.tokenizer, self.out / "final")
         self.acc.wait_for_everyone()
@@ -290,9 +304,12 @@ class Engine:
             shutil.rmtree(staging)
         self.acc.wait_for_everyone()
         ckpt.write_rank_state(staging, self.rank)
+        if self.sharded:
+            sharding.save_sharded(staging, self.trained, optimizer)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            ckpt.write_main_state(staging, self.trained, optimizer, scheduler, state, self.task.state_dict())
+            weights = None if self.sharded else (self.trained, optimizer)
+            ckpt.write_main_state(staging, weights, scheduler, state, self.task.state_dict())
             ckpt.publish(staging, self.ckpt_root, state["step"], self.cfg.save_total_limit)
         self.acc.wait_for_everyone()
 

@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.train.sharding import is_sharded, most_over_processes
+
 
 @runtime_checkable
 class Task(Protocol):
@@ -228,9 +230,13 @@ class OfflineTask:
         mine = chunks[rank::world]
         sums: dict[str, float] = {}
         main = self.accelerator is None or self.accelerator.is_main_process
-        for chunk in tqdm(mine, desc="eval", leave=False, disable=not main or len(mine) < 4):
-            for key, value in self.eval_sums(module, self.collate(chunk).to(self.device)).items():
-                sums[key] = sums.get(key, 0.0) + value
+        # a sharded model's forward is collective: a process with fewer chunks runs its first again, uncounted
+        passes = most_over_processes(len(mine), self.accelerator) if is_sharded(self.accelerator) else len(mine)
+        for i in tqdm(range(passes), desc="eval", leave=False, disable=not main or passes < 4):
+            batch = self.collate(mine[i] if i < len(mine) else (mine or chunks)[0]).to(self.device)
+            for key, value in self.eval_sums(module, batch).items():
+                if i < len(mine):
+                    sums[key] = sums.get(key, 0.0) + value
         return self.eval_metrics(sum_over_processes(sums, self.accelerator))
 
     # -- state ----------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""FSDP2 (parameters, gradients and optimizer states sharded over 2 CPU processes) trains exactly like one process:
+same losses, gradient norms and final weights; sharded checkpoints resume the same run; final/ is one ordinary
+model. The launch uses the shipped recipes/accelerate/fsdp2.yaml (see tests/fsdp_on_cpu.py)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import assert_weights_close, final_weights, metrics
+from test_distributed import differences
+from test_engine import write_recipe
+
+TESTS = Path(__file__).resolve().parent
+FSDP2 = TESTS.parent / "src" / "posttrain" / "recipes" / "accelerate" / "fsdp2.yaml"
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+
+
+def run_one(command: str, recipe: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "posttrain.cli", command, str(recipe)], capture_output=True, text=True,
+                          env=environment(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_sharded(command: str, recipe: Path, port: int, check: bool = True) -> subprocess.CompletedProcess:
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(TESTS / "fsdp_on_cpu.py"),
+                           str(FSDP2), command, str(recipe)], capture_output=True, text=True, env=environment(),
+                          timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def one_and_sharded(command, model_dir, tmp_path, common, accum_two, port):
+    single, sharded = tmp_path / "single", tmp_path / "fsdp"
+    run_one(command, write_recipe(tmp_path, model_dir, single, {**common, "train.grad_accum": 2 * accum_two}))
+    run_sharded(command, write_recipe(tmp_path, model_dir, sharded, {**common, "train.grad_accum": accum_two}), port)
+    return single, sharded
+
+
+def assert_same_run(command, single, sharded, keys=("loss", "grad_norm")):
+    differences(f"{command} (fsdp2)", single, sharded, keys)
+    for a, b in zip(metrics(single), metrics(sharded), strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+        assert a["tokens"] == b["tokens"]
+    assert_weights_close(final_weights(single), final_weights(sharded), atol=1e-9)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_fsdp2_trains_like_one_process_and_saves_an_ordinary_final(tiny_model_dir, tmp_path, peft):
+    common = {"train.max_steps": 3, "train.batch_size": 2, "peft.method": peft, "train.save_every": 2,
+              "train.max_grad_norm": 1.0}
+    port = 29540 + ["none", "lora"].index(peft)
+    single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=2, port=port)
+    assert_same_run("sft", single, sharded)
+    parts = sorted(p.name for p in (sharded / "checkpoints" / "step-2" / "sharded").iterdir())
+    assert parts == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its own part
+    assert sorted(os.listdir(sharded / "final")) == sorted(os.listdir(single / "final"))
+
+
+def test_a_sharded_checkpoint_resumes_the_same_run_is_verified_part_by_part_and_exports(tiny_model_dir, tmp_path):
+    """Stopped after step 2 of 3, the newest checkpoint's part from process 1 damaged: the run resumes under FSDP2
+    from step 1 and ends as the uninterrupted run; one process reads a sharded checkpoint for export. (A constant
+    learning rate: a longer max_steps would otherwise stretch the schedule.)"""
+    from posttrain.cli import main
+
+    from helpers import reset_accelerate
+
+    common = {"train.batch_size": 2, "train.grad_accum": 2, "peft.method": "lora", "train.save_every": 1,
+              "train.scheduler": "constant", "train.warmup_steps": 0}
+    whole = tmp_path / "whole"
+    run_one("sft", write_recipe(tmp_path, tiny_model_dir, whole, {**common, "train.grad_accum": 4, "train.max_steps": 3}))
+    first = tmp_path / "first"
+    run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 2}), port=29542)
+
+    part = first / "checkpoints" / "step-2" / "sharded" / "__1_0.distcp"
+    part.write_bytes(part.read_bytes()[:-7])
+    resumed = run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 3}), 29543)
+    assert "checkpoint" in resumed.stdout + resumed.stderr and "sharded/__1_0.distcp has" in resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout + resumed.stderr and "step-1" in resumed.stdout + resumed.stderr
+    assert (first / "checkpoints" / "corrupt-step-2").is_dir()
+    assert_same_run("sft", whole, first)
+
+    for run in (first, whole):  # the sharded checkpoint and the unsharded one, merged into full weights
+        reset_accelerate()
+        assert main(["export", str(run), "--checkpoint", "step-3", "--out", str(tmp_path / f"{run.name}-step-3")]) == 0
+    assert_weights_close(*(load_file(tmp_path / f"{run}-step-3" / "model.safetensors") for run in ("first", "whole")),
+                         atol=1e-9)
