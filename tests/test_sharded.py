@@ -97,3 +97,29 @@ def test_a_sharded_checkpoint_resumes_the_same_run_is_verified_part_by_part_and_
         assert main(["export", str(run), "--checkpoint", "step-3", "--out", str(tmp_path / f"{run.name}-step-3")]) == 0
     assert_weights_close(*(load_file(tmp_path / f"{run}-step-3" / "model.safetensors") for run in ("first", "whole")),
                          atol=1e-9)
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto", "rank", "rm", "prm"])
+def test_fsdp2_trains_the_offline_families_like_one_process(tiny_model_dir, tmp_path, command):
+    """Held-out evaluation included (split unevenly: 3 batches of 2 over 2 processes)."""
+    from test_preference import pairs_file
+    from test_process_reward import steps_file
+    from test_ranking import ranked_file
+    from test_reward_model import pairs_file as rated_pairs
+    from test_unpaired import unpaired_file
+
+    files = {"dpo": pairs_file, "kto": unpaired_file, "rank": ranked_file, "rm": rated_pairs, "prm": steps_file}
+    (tmp_path / "eval").mkdir()
+    common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora", "data.limit": "null", "train.save_every": 2,
+              "data.train": str(files[command](tmp_path)), "data.eval": str(files[command](tmp_path / "eval", n=5))}
+    if command == "rm":
+        common.update({"data.train": str(rated_pairs(tmp_path, ratings=True)), "rm.objectives": "[correct, concise]",
+                       "rm.weighting": "learned", "data.eval": str(rated_pairs(tmp_path / "eval", n=5))})
+    port = 29544 + list(files).index(command)
+    single, sharded = one_and_sharded(command, tiny_model_dir, tmp_path, common, accum_two=1, port=port)
+    assert_same_run(command, single, sharded)
+    assert (sharded / "checkpoints" / "step-2" / "sharded").is_dir()
+    evals = [metrics(run, "eval.jsonl")[-1] for run in (single, sharded)]
+    assert evals[0].keys() == evals[1].keys()
+    for key in evals[0]:
+        assert evals[0][key] == pytest.approx(evals[1][key], abs=1e-9), key
