@@ -16,7 +16,8 @@ from test_distributed import differences
 from test_engine import write_recipe
 
 TESTS = Path(__file__).resolve().parent
-FSDP2 = TESTS.parent / "src" / "posttrain" / "recipes" / "accelerate" / "fsdp2.yaml"
+CONFIGS = TESTS.parent / "src" / "posttrain" / "recipes" / "accelerate"
+FSDP2 = CONFIGS / "fsdp2.yaml"
 
 
 def environment() -> dict:
@@ -31,20 +32,19 @@ def run_one(command: str, recipe: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def run_sharded(command: str, recipe: Path, port: int, check: bool = True) -> subprocess.CompletedProcess:
+def run_sharded(command: str, recipe: Path, port: int, config: Path = FSDP2) -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(TESTS / "fsdp_on_cpu.py"),
-                           str(FSDP2), command, str(recipe)], capture_output=True, text=True, env=environment(),
+                           str(config), command, str(recipe)], capture_output=True, text=True, env=environment(),
                           timeout=300)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def one_and_sharded(command, model_dir, tmp_path, common, accum_two, port):
+def one_and_sharded(command, model_dir, tmp_path, common, accum_two, port, config=FSDP2):
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     run_one(command, write_recipe(tmp_path, model_dir, single, {**common, "train.grad_accum": 2 * accum_two}))
-    run_sharded(command, write_recipe(tmp_path, model_dir, sharded, {**common, "train.grad_accum": accum_two}), port)
+    run_sharded(command, write_recipe(tmp_path, model_dir, sharded, {**common, "train.grad_accum": accum_two}), port, config)
     return single, sharded
 
 
@@ -57,12 +57,15 @@ def assert_same_run(command, single, sharded, keys=("loss", "grad_norm")):
     assert_weights_close(final_weights(single), final_weights(sharded), atol=1e-9)
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
-def test_fsdp2_trains_like_one_process_and_saves_an_ordinary_final(tiny_model_dir, tmp_path, peft):
+@pytest.mark.parametrize(("peft", "config"), [("none", "fsdp2"), ("lora", "fsdp2"), ("none", "fsdp2_zero2")])
+def test_fsdp2_trains_like_one_process_and_saves_an_ordinary_final(tiny_model_dir, tmp_path, peft, config):
     common = {"train.max_steps": 3, "train.batch_size": 2, "peft.method": peft, "train.save_every": 2,
               "train.max_grad_norm": 1.0}
-    port = 29540 + ["none", "lora"].index(peft)
-    single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=2, port=port)
+    if peft == "lora":  # a token budget splits micro-batches: 3 on one process, 4 on the other (checked)
+        common.update({"train.batch_size": 4, "train.max_tokens_per_micro_batch": 600})
+    port = 29540 + [("none", "fsdp2"), ("lora", "fsdp2"), ("none", "fsdp2_zero2")].index((peft, config))
+    single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=1 if peft == "lora" else 2, port=port,
+                                      config=CONFIGS / f"{config}.yaml")
     assert_same_run("sft", single, sharded)
     parts = sorted(p.name for p in (sharded / "checkpoints" / "step-2" / "sharded").iterdir())
     assert parts == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each process wrote its own part
@@ -82,11 +85,11 @@ def test_a_sharded_checkpoint_resumes_the_same_run_is_verified_part_by_part_and_
     whole = tmp_path / "whole"
     run_one("sft", write_recipe(tmp_path, tiny_model_dir, whole, {**common, "train.grad_accum": 4, "train.max_steps": 3}))
     first = tmp_path / "first"
-    run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 2}), port=29542)
+    run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 2}), port=29565)
 
     part = first / "checkpoints" / "step-2" / "sharded" / "__1_0.distcp"
     part.write_bytes(part.read_bytes()[:-7])
-    resumed = run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 3}), 29543)
+    resumed = run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 3}), 29566)
     assert "checkpoint" in resumed.stdout + resumed.stderr and "sharded/__1_0.distcp has" in resumed.stdout + resumed.stderr
     assert "resuming from" in resumed.stdout + resumed.stderr and "step-1" in resumed.stdout + resumed.stderr
     assert (first / "checkpoints" / "corrupt-step-2").is_dir()
@@ -115,7 +118,7 @@ def test_fsdp2_trains_the_offline_families_like_one_process(tiny_model_dir, tmp_
     if command == "rm":
         common.update({"data.train": str(rated_pairs(tmp_path, ratings=True)), "rm.objectives": "[correct, concise]",
                        "rm.weighting": "learned", "data.eval": str(rated_pairs(tmp_path / "eval", n=5))})
-    port = 29544 + list(files).index(command)
+    port = 29560 + list(files).index(command)
     single, sharded = one_and_sharded(command, tiny_model_dir, tmp_path, common, accum_two=1, port=port)
     assert_same_run(command, single, sharded)
     assert (sharded / "checkpoints" / "step-2" / "sharded").is_dir()
@@ -123,3 +126,57 @@ def test_fsdp2_trains_the_offline_families_like_one_process(tiny_model_dir, tmp_
     assert evals[0].keys() == evals[1].keys()
     for key in evals[0]:
         assert evals[0][key] == pytest.approx(evals[1][key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo", "rft", "online-dpo"])
+def test_fsdp2_runs_the_sampling_commands_like_one_process(tiny_model_dir, tmp_path, command):
+    """Each process samples its prompts on gathered parameters (a different number of decoding passes per process),
+    then trains sharded; held-out greedy evaluation too."""
+    from test_grpo import RL
+    from test_online_dpo import ONLINE
+    from test_ppo import RL as PPO
+    from test_rft import RFT
+
+    from helpers import GSM8K
+
+    common = {**{"grpo": {**RL, "rl.kl_coef": 0.05}, "ppo": PPO, "rft": RFT, "online-dpo": ONLINE}[command],
+              "peft.method": "lora", "train.save_every": 2}
+    if command == "grpo":
+        common.update({"train.batch_size": 4, "data.eval": str(GSM8K), "data.eval_limit": 3, "train.eval_every": 1})
+    port = 29550 + ["grpo", "ppo", "rft", "online-dpo"].index(command)
+    single, sharded = one_and_sharded(command, tiny_model_dir, tmp_path, common, accum_two=1, port=port)
+    assert_same_run(command, single, sharded)
+    if command == "grpo":
+        evals = [metrics(run, "eval.jsonl") for run in (single, sharded)]
+        assert [e["eval/reward"] for e in evals[0]] == pytest.approx([e["eval/reward"] for e in evals[1]], abs=1e-9)
+
+
+def test_recipe_evals_generate_on_gathered_parameters_under_fsdp2(tiny_model_dir, tmp_path):
+    from test_eval import GSM8K_TEST
+
+    evals = (f"[{{task: perplexity, data: {GSM8K_TEST}, limit: 3, max_length: 384}}, "
+             f"{{task: answer_accuracy, data: {GSM8K_TEST}, limit: 3, max_new_tokens: 6}}]")
+    common = {"evals": evals, "train.eval_every": 1, "train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora"}
+    single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=1, port=29555)
+    assert_same_run("sft", single, sharded)
+    a, b = metrics(single, "eval.jsonl"), metrics(sharded, "eval.jsonl")
+    assert [r["step"] for r in b] == [0, 1, 2]
+    for x, y in zip(a, b, strict=True):
+        assert x["eval/perplexity/loss"] == pytest.approx(y["eval/perplexity/loss"], abs=1e-9)
+        assert x["eval/answer_accuracy/accuracy"] == y["eval/answer_accuracy/accuracy"]
+
+
+def test_deepspeed_and_fsdp1_launches_are_refused_with_the_way_out():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from posttrain.errors import UserError
+    from posttrain.train.sharding import check_supported
+
+    with pytest.raises(UserError, match="DeepSpeed.*backward.*recipes/accelerate/fsdp2.yaml"):
+        check_supported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, is_fsdp2=False))
+    with pytest.raises(UserError, match="fsdp_version: 2"):
+        check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False))
+    check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
+    check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, is_fsdp2=False))

@@ -201,7 +201,8 @@ class Engine:
         loss or gradient norm skips the update and is reported; too many in a row stop the run."""
         acc, cfg = self.acc, self.cfg
         started = time.perf_counter()
-        batches = self.task.step_batches(step, self.train_examples, module)
+        with self.generating(module):
+            batches = self.task.step_batches(step, self.train_examples, module)
         batches_s = time.perf_counter() - started
         normalizer = self.reduce(sum(self.task.normalizer(b) for b in batches))
         if normalizer <= 0:
@@ -268,19 +269,25 @@ class Engine:
     def reduce_dict(self, sums: dict[str, float]) -> dict[str, float]:
         return sum_over_processes(sums, self.acc)
 
+    def generating(self, module, always: bool = False):
+        """Where the model samples, a sharded one runs on gathered parameters (see ``sharding.gathered``)."""
+        return sharding.gathered(module) if self.sharded and (always or self.task.generates) else contextlib.nullcontext()
+
     def evaluate(self, step: int) -> dict:
         self.module.eval()
-        record = {"step": step, **(self.task.evaluate(self.module, self.eval_examples) if self.eval_examples else {})}
+        with self.generating(self.module):
+            record = {"step": step, **(self.task.evaluate(self.module, self.eval_examples) if self.eval_examples else {})}
         if self.recipe.evals:  # generation and scoring on the main process; the others wait
-            if self.acc.is_main_process:
-                from posttrain.evaluate.harness import recipe_evals
+            with self.generating(self.module, always=True):
+                if self.acc.is_main_process:
+                    from posttrain.evaluate.harness import recipe_evals
 
-                metrics, samples = recipe_evals(self.recipe.evals, self.acc.unwrap_model(self.module).model,
-                                                self.tokenizer, self.eval_baselines)
-                record.update(metrics)
-                for sample in samples:
-                    self.log("samples.jsonl", {"step": step, **sample}, track=False)
-            self.acc.wait_for_everyone()
+                    metrics, samples = recipe_evals(self.recipe.evals, self.acc.unwrap_model(self.module).model,
+                                                    self.tokenizer, self.eval_baselines)
+                    record.update(metrics)
+                    for sample in samples:
+                        self.log("samples.jsonl", {"step": step, **sample}, track=False)
+                self.acc.wait_for_everyone()
         self.module.train()
         self.log("eval.jsonl", record)
         return record

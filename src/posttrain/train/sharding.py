@@ -12,6 +12,7 @@ Three things change for posttrain when every process holds only a slice of each 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -117,3 +118,39 @@ def consolidate(module: torch.nn.Module, is_main: bool) -> None:
     for name, buffer in module.named_buffers():
         owner, _, leaf = name.rpartition(".")
         module.get_submodule(owner)._buffers[leaf] = buffer.detach().cpu()
+
+
+@contextlib.contextmanager
+def gathered(module: torch.nn.Module):
+    """Whole parameters on every process for the duration, and no passes that gather them again: each process then
+    generates on its own, as many decoding passes as its prompts need. Sharded again afterwards (collective on entry
+    and exit). Nothing happens for an unsharded module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    units[0]._get_fsdp_state()._lazy_init()  # the root first: a layer's own forward must never become the root
+    resharded = [any(g.post_forward_mesh_info is not None for g in u._get_fsdp_state()._fsdp_param_groups) for u in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, reshard in zip(units, resharded):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)
+        _forget_forwards(units)
+
+
+def _forget_forwards(units: list) -> None:
+    """FSDP2 records the order of forward passes to prefetch parameters in the next backward, and clears it only
+    after a backward. Passes while gathered (a different number per process, or on the main process alone) would
+    make the processes prefetch different layers, that is, wait on different collectives: forget them."""
+    root = units[0]._get_fsdp_state()
+    root._comm_ctx.post_forward_order.clear()
+    for unit in units:
+        for group in unit._get_fsdp_state()._fsdp_param_groups:
+            group._post_forward_indices.clear()

@@ -53,6 +53,8 @@ class Task(Protocol):
     def step_batches(self, step: int, examples: list, module) -> list:
         """This process's micro-batches of optimizer step ``step`` (a function of the step, never of history)."""
 
+    generates: bool  # step_batches / evaluate sample from the model (under FSDP they run on gathered parameters)
+
     def normalizer(self, batch) -> float:
         """How many units of the step loss this micro-batch holds; the engine sums it over the step."""
 
@@ -92,6 +94,7 @@ class OfflineTask:
     segments = False  # the model attends per sequence, so packed micro-batches are one row (set up with the model)
     drawn: list[int] | None = None  # training example indices drawn since the mixture was last logged
     empty_steps_allowed = False
+    generates = False
     progress: dict[str, str] = {}
     step_size_formula = "train.batch_size x train.grad_accum x processes"
     steps_per_batch = 1

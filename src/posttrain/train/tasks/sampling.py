@@ -97,6 +97,8 @@ class SamplingTask(OfflineTask):
     """Prompts as examples, a backend that samples from the trained model, rewards that score completions;
     subclasses decide what is learned from the samples."""
 
+    generates = True
+
     def __init__(self, recipe, tokenizer, cfg):
         self.recipe, self.tokenizer, self.cfg = recipe, tokenizer, cfg
         rollout = recipe.rollout

@@ -60,6 +60,7 @@ class SFTTask(OfflineTask):
         self.ref_means: torch.Tensor | None = None  # PoFT: [n, R] mean log-probs of the reference models
         self.mask_id = self.mask_token_id() if self.cfg.mask_ratio else None
         self.on_policy = self.cfg.loss == "distill" and self.cfg.distill.lmbda > 0
+        self.generates = self.on_policy
         self.teacher = None  # on-policy distillation: the teacher model itself (off-policy uses a cached top-k)
         self.sampled = {"examples": 0.0, "on_policy": 0.0}
 
