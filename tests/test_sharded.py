@@ -180,3 +180,14 @@ def test_deepspeed_and_fsdp1_launches_are_refused_with_the_way_out():
         check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False))
     check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
     check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, is_fsdp2=False))
+
+
+def test_fsdp2_on_policy_distillation_samples_on_gathered_parameters(tiny_model_dir, tmp_path):
+    from test_sft_variants import second_model
+
+    teacher = str(second_model(tiny_model_dir, tmp_path, 7))
+    common = {"sft.loss": "distill", "teacher": teacher, "sft.distill.lmbda": 0.5, "sft.distill.max_new_tokens": 8,
+              "sft.distill.divergence": "reverse_kl", "train.batch_size": 2, "train.max_steps": 2, "peft.method": "lora"}
+    single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=2, port=29567)
+    assert_same_run("sft", single, sharded, keys=("loss", "grad_norm", "distill/on_policy_fraction"))
+    assert 0 < metrics(sharded)[0]["distill/on_policy_fraction"] < 1

@@ -25,7 +25,7 @@ from posttrain.objectives.sft import SFT_LOSSES, poft, select_tokens, selected_c
 from posttrain.ops.distill import target_topk
 from posttrain.train.forward import TargetLogprobs, batch_logprobs, final_hidden_states, per_example_sum
 from posttrain.train.precompute import TargetTable, compute_targets, load_frozen
-from posttrain.train.task import OfflineTask
+from posttrain.train.task import OfflineTask, sum_over_processes
 
 
 class SFTEncoder(Encoder):
@@ -123,7 +123,8 @@ class SFTTask(OfflineTask):
     def step_metrics(self) -> dict[str, float]:
         if not self.on_policy:
             return {}
-        fraction = self.sampled["on_policy"] / max(self.sampled["examples"], 1.0)
+        counts = sum_over_processes(self.sampled, self.accelerator)  # the step's examples, every process's
+        fraction = counts["on_policy"] / max(counts["examples"], 1.0)
         self.sampled = {"examples": 0.0, "on_policy": 0.0}
         return {"distill/on_policy_fraction": fraction}
 
