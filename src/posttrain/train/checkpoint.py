@@ -1,7 +1,7 @@
 """Checkpoints for exact resume, written atomically.
 
 A checkpoint is a directory ``checkpoints/step-N/`` holding the trainable parameters
-(safetensors), the optimizer and scheduler states, every process's RNG states, ``state.json``
+(safetensors) and the optimizer state (under FSDP2 both in ``sharded/``, each process's part), the scheduler state, every process's RNG states, ``state.json``
 and, written last, ``manifest.json``: each file's size and sha256, hashed after the files were
 synced to disk. It is assembled under a temporary name and renamed into place only when
 complete, so a kill at any moment leaves the previous checkpoint intact; a checkpoint damaged
@@ -198,7 +198,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int, sharded: bool = False) -> dict:
     """Restore a checkpoint into this run (``sharded``: its parameters are split over the processes). A sharded
-    checkpoint loads into any launch; an unsharded one only into an unsharded launch."""
+    checkpoint loads into any number of processes; an unsharded one only into an unsharded launch."""
     if (directory / sharding.SHARDED).is_dir():
         sharding.load_sharded(directory, model, optimizer)
     elif sharded:

@@ -3,9 +3,11 @@
 Three things change for posttrain when every process holds only a slice of each parameter:
 
 - a forward pass is collective (each layer gathers its parameters from all processes as it runs), so every process
-  must run the same number of forward passes: evaluation, generation and the micro-batches of a step are evened out;
+  must run the same number of forward passes: the micro-batches of a step and held-out evaluation are evened out;
+  generation, whose passes per process depend on what each samples, runs on gathered parameters (``gathered``: the
+  whole model on every process meanwhile, as TRL's generation under ZeRO-3);
 - a checkpoint is written in parts, each process its own (``torch.distributed.checkpoint``, under ``sharded/``),
-  and can be read back by any number of processes, sharded or not;
+  and can be read back by any number of processes (``posttrain export`` reads one in a single process);
 - ``final/`` is consolidated: the parameters are gathered into ordinary tensors on the main process, which then
   saves (and merges adapters) exactly as an unsharded run does.
 """
