@@ -191,3 +191,33 @@ def test_fsdp2_on_policy_distillation_samples_on_gathered_parameters(tiny_model_
     single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=2, port=29567)
     assert_same_run("sft", single, sharded, keys=("loss", "grad_norm", "distill/on_policy_fraction"))
     assert 0 < metrics(sharded)[0]["distill/on_policy_fraction"] < 1
+
+
+def test_sigterm_under_fsdp2_checkpoints_every_part_and_the_run_resumes_the_same(tiny_model_dir, tmp_path):
+    """SIGTERM to torchrun (what SLURM sends) mid-run: both processes finish the step, write their parts of one
+    checkpoint and stop; the same launch again resumes and ends as the uninterrupted run."""
+    import signal
+    import time
+
+    common = {"train.batch_size": 2, "train.max_steps": 40, "train.save_every": 1000, "peft.method": "lora",
+              "train.scheduler": "constant", "train.warmup_steps": 0}
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run_one("sft", write_recipe(tmp_path, tiny_model_dir, whole, {**common, "train.grad_accum": 2}))
+    recipe = write_recipe(tmp_path, tiny_model_dir, stopped, {**common, "train.grad_accum": 1})
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    job = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", "29568", str(TESTS / "fsdp_on_cpu.py"),
+                            str(FSDP2), "sft", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=environment())
+    deadline = time.time() + 120
+    while time.time() < deadline and len(metrics(stopped) if (stopped / "metrics.jsonl").exists() else []) < 2:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=120)
+    checkpoints = list((stopped / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and "stopped by SIGTERM after step" in output, output[-3000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= step < 40 and not (stopped / "final").exists()
+    assert sorted(p.name for p in (checkpoints[0] / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = run_sharded("sft", recipe, port=29569)
+    assert f"resuming from {checkpoints[0]}" in resumed.stdout + resumed.stderr
+    assert_same_run("sft", whole, stopped)
