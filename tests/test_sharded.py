@@ -128,10 +128,11 @@ def test_fsdp2_trains_the_offline_families_like_one_process(tiny_model_dir, tmp_
         assert evals[0][key] == pytest.approx(evals[1][key], abs=1e-9), key
 
 
-@pytest.mark.parametrize("command", ["grpo", "ppo", "rft", "online-dpo"])
+@pytest.mark.parametrize("command", ["grpo", "ppo", "rft", "online-dpo", "grpo-full"])
 def test_fsdp2_runs_the_sampling_commands_like_one_process(tiny_model_dir, tmp_path, command):
     """Each process samples its prompts on gathered parameters (a different number of decoding passes per process),
-    then trains sharded; held-out greedy evaluation too."""
+    then trains sharded; held-out greedy evaluation too. grpo-full: all weights trained, gradient checkpointing,
+    and a separate (unsharded) reference model for the KL term."""
     from test_grpo import RL
     from test_online_dpo import ONLINE
     from test_ppo import RL as PPO
@@ -139,14 +140,18 @@ def test_fsdp2_runs_the_sampling_commands_like_one_process(tiny_model_dir, tmp_p
 
     from helpers import GSM8K
 
-    common = {**{"grpo": {**RL, "rl.kl_coef": 0.05}, "ppo": PPO, "rft": RFT, "online-dpo": ONLINE}[command],
+    grpo = {**RL, "rl.kl_coef": 0.05}
+    common = {**{"grpo": grpo, "ppo": PPO, "rft": RFT, "online-dpo": ONLINE, "grpo-full": grpo}[command],
               "peft.method": "lora", "train.save_every": 2}
     if command == "grpo":
         common.update({"train.batch_size": 4, "data.eval": str(GSM8K), "data.eval_limit": 3, "train.eval_every": 1})
-    port = 29550 + ["grpo", "ppo", "rft", "online-dpo"].index(command)
+    if command == "grpo-full":
+        common.update({"peft.method": "none", "train.gradient_checkpointing": True, "train.lr": 1e-3})
+    port = 29550 + ["grpo", "ppo", "rft", "online-dpo", "grpo-full"].index(command)
+    command = command.removesuffix("-full")
     single, sharded = one_and_sharded(command, tiny_model_dir, tmp_path, common, accum_two=1, port=port)
     assert_same_run(command, single, sharded)
-    if command == "grpo":
+    if "data.eval" in common:
         evals = [metrics(run, "eval.jsonl") for run in (single, sharded)]
         assert [e["eval/reward"] for e in evals[0]] == pytest.approx([e["eval/reward"] for e in evals[1]], abs=1e-9)
 
