@@ -99,6 +99,34 @@ def lean_norm_forward(self, x):
     return RMSNormFunction.apply(x, self.weight, _epsilon(self))
 
 
+def lean_lora_forward(self, x, *args, **kwargs):
+    """peft's ``base(x) + B(A(x)) * scaling`` as one in-place ``addmm`` on the base output, the scaling folded into
+    the matmul: no scaled copy and no sum are allocated, and backward has no elementwise pass for them either.
+    Anything else (adapters off or merged, several active, autocast, mixed dtypes) takes peft's own forward."""
+    adapters = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1 or adapters[0] not in self.lora_A \
+            or torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x, *args, **kwargs)
+    down, up = self.lora_A[adapters[0]].weight, self.lora_B[adapters[0]].weight
+    result = self.base_layer(x)
+    if not x.dtype == down.dtype == up.dtype == result.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    low = nn.functional.linear(x, down)
+    result.view(-1, result.shape[-1]).addmm_(low.view(-1, low.shape[-1]), up.t(), alpha=self.scaling[adapters[0]])
+    return result
+
+
+def _is_plain_lora(module) -> bool:
+    """A LoRA linear layer with nothing but ``B(A(x)) * scaling`` added: no dropout, no DoRA-like variant, no bias."""
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:
+        return False
+    return type(module) is Linear and isinstance(module.base_layer, nn.Linear) and not module.lora_variant \
+        and not module.fan_in_fan_out and all(isinstance(d, nn.Identity) for d in module.lora_dropout.values()) \
+        and all(b.bias is None for b in module.lora_B.values())
+
+
 def _epsilon(module) -> float | None:
     for name in ("variance_epsilon", "eps"):
         if isinstance(getattr(module, name, None), float):
@@ -128,13 +156,17 @@ def _same_output(module, lean_forward, width: int, at_most_float32: bool = False
 
 
 def make_lean(model) -> dict[str, int]:
-    """Switch ``model``'s gated MLPs and RMSNorms to their lean forwards where they compute the same thing; how
-    many modules of each kind were switched. Activation checkpointing keeps its own MLPs: it discards their
-    tensors already, and the MLP's recomputation hooks would keep them from it."""
+    """Switch ``model``'s gated MLPs and RMSNorms to their lean forwards where they compute the same thing, and its
+    plain LoRA layers to one fused update; how many modules of each kind were switched. Activation checkpointing
+    keeps its own MLPs: it discards their tensors already, and the MLP's recomputation hooks would keep them from it."""
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     verdicts: dict[type, bool] = {}
-    switched = {"mlp": 0, "norm": 0}
+    switched = {"mlp": 0, "norm": 0, "lora": 0}
     for module in model.modules():
+        if _is_plain_lora(module):  # the same sum, term for term (tested against peft); no probe: B starts at zero
+            module.forward = types.MethodType(lean_lora_forward, module)
+            switched["lora"] += 1
+            continue
         if _is_gated_mlp(module) and not checkpointing:
             kind, forward, width = "mlp", lean_mlp_forward, module.gate_proj.in_features
         elif _is_rms_norm(module):

@@ -55,8 +55,8 @@ def run(command: str, recipe: Recipe) -> dict:
         model = merged(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lean = make_lean(model) if recipe.train.lean_layers else None
     model = apply_peft(model, recipe.peft, recipe.peft.changed(), recipe.train.seed, task.peft_task_type)
+    lean = make_lean(model) if recipe.train.lean_layers else None
     if is_prompt_learning(model) and recipe.train.packing:
         raise UserError(f"peft.method: {recipe.peft.method} prepends virtual tokens to every row, which packed rows "
                         "cannot share; set train.packing: false")
@@ -66,7 +66,7 @@ def run(command: str, recipe: Recipe) -> dict:
     if recipe.train.precision == "fp64":  # after adapter set-up: PiSSA / OLoRA initialize only in 32 bits or fewer
         model.double()
     if not quiet:
-        switched = f"; lean layers: {lean['mlp']} MLPs, {lean['norm']} norms" if lean else ""
+        switched = f"; lean layers: {lean['mlp']} MLPs, {lean['norm']} norms, {lean['lora']} LoRA updates" if lean else ""
         print(f"model: {recipe.model} ({path}); {trainable_summary(model)}{switched}", flush=True)
     model.to(accelerator.device)
     task.setup(model, accelerator, train_examples, eval_examples)
