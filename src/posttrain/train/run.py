@@ -9,7 +9,7 @@ import os
 import torch
 
 from posttrain.config import Recipe
-from posttrain.errors import UserError
+from posttrain.errors import Stopped, UserError
 from posttrain.export import merged
 from posttrain.models import (apply_peft, is_prompt_learning, load_tokenizer, needs_data_init, resolve_model,
                               trainable_summary)
@@ -71,9 +71,23 @@ def run(command: str, recipe: Recipe) -> dict:
     model.to(accelerator.device)
     task.setup(model, accelerator, train_examples, eval_examples)
     try:
-        return Engine(recipe, task, model, tokenizer, train_examples, eval_examples, accelerator).run()
+        summary = Engine(recipe, task, model, tokenizer, train_examples, eval_examples, accelerator).run()
+    except Stopped:  # every process stopped after the same step: they can leave together
+        leave_process_group()
+        raise
     finally:
         task.close()
+    leave_process_group()
+    return summary
+
+
+def leave_process_group() -> None:
+    """Destroy the process group once every process is done with it (not after a failure, where another process
+    may still be in a collective). Left to interpreter exit, gloo's worker threads can still hold the tensors of
+    asynchronous collectives (FSDP2's) and abort the process (SIGABRT, "terminate called without an active
+    exception") after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 EVA_BATCHES = 16  # batches of training sequences EVA's SVD sees
