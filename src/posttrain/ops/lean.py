@@ -108,9 +108,9 @@ def lean_lora_forward(self, x, *args, **kwargs):
             or torch.is_autocast_enabled(x.device.type):
         return type(self).forward(self, x, *args, **kwargs)
     down, up = self.lora_A[adapters[0]].weight, self.lora_B[adapters[0]].weight
-    result = self.base_layer(x)
-    if not x.dtype == down.dtype == up.dtype == result.dtype:
+    if not x.dtype == down.dtype == up.dtype == self.base_layer.weight.dtype:
         return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
     low = nn.functional.linear(x, down)
     result.view(-1, result.shape[-1]).addmm_(low.view(-1, low.shape[-1]), up.t(), alpha=self.scaling[adapters[0]])
     return result
