@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test benchmark vllm-env browser
+.PHONY: setup quickstart test benchmark vllm-env browser bubblewrap
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 quickstart: setup
 	$(BIN)/posttrain quickstart
 
-test: setup browser
+test: setup browser bubblewrap
 	$(BIN)/python -m pytest -q
 
 # the report test renders its page in headless Chromium (Debian package chromium); installed here when missing and
@@ -30,6 +30,14 @@ browser:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  echo "note: chromium is not installed: the report's browser test will be skipped"
+
+# the code sandbox (rewards/sandbox.py) runs model-written code under bubblewrap (Debian package bubblewrap);
+# installed here when missing and this user may (CI), else the sandbox tests are skipped and code rewards refuse
+bubblewrap:
+	@command -v bwrap >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; }; } || \
+	  echo "note: bubblewrap is not installed: the sandbox tests will be skipped"
 
 benchmark: setup
 	$(BIN)/python benchmarks/sft.py

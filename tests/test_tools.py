@@ -1,6 +1,8 @@
 """Multi-turn rollouts with the Python tool: the call syntax, the sandboxed tool, the generate loop (tool output
 enters the context, carries no sampler log-prob and no loss), the prompt's instructions."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ def test_a_turn_calls_the_tool_only_when_it_ends_with_a_call():
     assert tool_call("no call at all") is None
 
 
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 def test_the_tool_runs_in_the_sandbox():
     limits = Limits(wall_seconds=5, cpu_seconds=5, memory_mb=256)
     assert run_tool("print(48213 * 7719)", limits) == ("372156147", True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from posttrain.rewards.sandbox import Limits, SandboxUnavailable, isolation_prefix, run_python
+from posttrain.rewards.sandbox import Limits, require_isolation, run_python
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -32,11 +32,8 @@ def code_tests(prompts, completions, tests, wall_seconds: float = 10.0, cpu_seco
 
 def _preflight(allow_unsandboxed: bool = False, **_) -> None:
     """Refuse before training, not at the first reward, where the sandbox cannot isolate programs."""
-    if not allow_unsandboxed and not isolation_prefix():
-        raise SandboxUnavailable(
-            "code_tests: cannot isolate model-written code on this machine (util-linux unshare with network, PID and "
-            "mount namespaces is needed); set the reward's option allow_unsandboxed: true to run it with resource "
-            "limits only, without isolation")
+    if not allow_unsandboxed:
+        require_isolation("code_tests", "the reward's option allow_unsandboxed: true")
 
 
 code_tests.preflight = _preflight

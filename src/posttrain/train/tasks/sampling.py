@@ -146,13 +146,14 @@ class SamplingTask(OfflineTask):
             backend = TransformersBackend(model, self.tokenizer, rollout.batch_size)
         if rollout.tool == "none":
             return backend
-        from posttrain.rewards.sandbox import Limits, isolation_prefix
+        from posttrain.rewards.sandbox import Limits, SandboxUnavailable, require_isolation
         from posttrain.rollout.tools import ToolUse
 
-        if not rollout.tool_unsandboxed and not isolation_prefix():
-            raise UserError("rollout.tool: python runs model-written code, and this machine cannot isolate it (util-linux "
-                            "unshare with network, PID and mount namespaces is needed); set rollout.tool_unsandboxed: true "
-                            "to run it with resource limits only")
+        if not rollout.tool_unsandboxed:
+            try:
+                require_isolation("rollout.tool: python", "rollout.tool_unsandboxed: true")
+            except SandboxUnavailable as exc:
+                raise UserError(str(exc)) from None
         limits = Limits(wall_seconds=rollout.tool_timeout, cpu_seconds=max(1, int(rollout.tool_timeout)), memory_mb=512)
         return ToolUse(backend, self.tokenizer, rollout.max_tool_calls, limits, rollout.tool_unsandboxed)
 
