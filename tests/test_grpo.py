@@ -70,9 +70,9 @@ def test_metrics_explain_the_step(tiny_model_dir, tmp_path):
 def test_kl_in_the_reward_and_in_the_loss(tiny_model_dir, tmp_path):
     """Step 1: the LoRA policy is its reference (KL 0). Then the KL shows up where it was put: in the loss
     (logged per token, added to the loss), or subtracted from the rewards (the advantages change)."""
-    common = {"train.batch_size": 8, "train.max_steps": 3, "peft.method": "lora", "rl.kl_coef": 0.5, "rl.kl_estimator": "k1"}
-    run_grpo(tiny_model_dir, tmp_path / "loss", **common)
-    run_grpo(tiny_model_dir, tmp_path / "reward", **common, **{"rl.kl_in": "reward"})
+    common = {"train.batch_size": 8, "train.max_steps": 3, "peft.method": "lora", "rl.kl_coef": 0.5}
+    run_grpo(tiny_model_dir, tmp_path / "loss", **common, **{"rl.kl_estimator": "k3"})
+    run_grpo(tiny_model_dir, tmp_path / "reward", **common, **{"rl.kl_in": "reward", "rl.kl_estimator": "k1"})
     run_grpo(tiny_model_dir, tmp_path / "none", **{**common, "rl.kl_coef": 0.0})
     in_loss, in_reward, without = metrics(tmp_path / "loss"), metrics(tmp_path / "reward"), metrics(tmp_path / "none")
     assert in_loss[0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-12)
@@ -91,6 +91,18 @@ def test_dynamic_sampling_drops_groups_whose_rewards_agree(tiny_model_dir, tmp_p
     logged = metrics(tmp_path)
     assert [m["groups/trained"] for m in logged] == [0.0, 0.0]
     assert [m["groups/zero_std_fraction"] for m in logged] == [1.0, 1.0]
+    assert all(float(w.abs().max()) == 0.0 for k, w in final_weights(tmp_path).items() if "lora_B" in k)
+
+
+def test_dynamic_sampling_filters_on_the_outcome_before_length_shaping(tiny_model_dir, tmp_path):
+    """DAPO (Eq. 11) drops groups whose accuracy is all 0 or all 1. Every completion is right here, and the soft
+    overlong punishment (from the second token on) makes the shaped rewards vary with length: still nothing is
+    trained on, while the shaped rewards' zero-std fraction shows the groups did vary."""
+    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "rl.dynamic_sampling": "drop", "peft.method": "lora",
+                                          "rewards": "[{name: 'test_grpo:constant'}]", "rl.overlong_buffer": 11})
+    logged = metrics(tmp_path)
+    assert [m["groups/trained"] for m in logged] == [0.0, 0.0]
+    assert all(m["groups/zero_std_fraction"] < 1.0 for m in logged)
     assert all(float(w.abs().max()) == 0.0 for k, w in final_weights(tmp_path).items() if "lora_B" in k)
 
 
@@ -117,6 +129,51 @@ def test_overlong_filter_masks_truncated_completions(tiny_model_dir, tmp_path):
                                           "peft.method": "lora"})
     assert metrics(tmp_path)[0]["completion/truncated_fraction"] == 1.0
     assert all(float(w.abs().max()) == 0.0 for k, w in final_weights(tmp_path).items() if "lora_B" in k)
+
+
+def loss_without_the_filtered(rollouts, per_token: list[float], mode: str, max_new_tokens: int) -> float:
+    """The step loss by a loop over the completions trained on, the truncated ones left out entirely."""
+    kept, t = [], 0
+    for i, n in enumerate(rollouts.model_tokens()):
+        if rollouts.active[i]:
+            kept.append(per_token[t : t + n])
+        t += n
+    sums = [sum(tokens) for tokens in kept]
+    if mode == "token_mean":
+        return sum(sums) / sum(len(tokens) for tokens in kept)
+    if mode == "seq_mean_token_mean":
+        return sum(s / len(tokens) for s, tokens in zip(sums, kept)) / len(kept)
+    if mode == "seq_mean_token_sum":
+        return sum(sums) / len(kept)
+    return sum(sums) / (len(kept) * max_new_tokens)
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+@pytest.mark.parametrize("batch_size, accum", [(8, 1), (2, 4)])
+def test_overlong_filter_with_mixed_truncation_leaves_the_truncated_out(tiny_model_dir, tmp_path, monkeypatch, command,
+                                                                        mode, batch_size, accum):
+    """Some completions cut at 12 tokens, a truncated one ahead of kept ones in a micro-batch: the step loss is the
+    aggregation over the kept completions alone. Step 1 is on-policy (ratio 1), so a token's loss is -A, plus
+    PPO's value loss 0.5 R^2 at V = 0 (the zero-initialized head)."""
+    from posttrain.train.tasks.grpo import GRPOTask
+
+    collected = []
+    original = GRPOTask.collect
+    monkeypatch.setattr(GRPOTask, "collect", lambda self, *a: collected.append(original(self, *a)) or collected[-1])
+    overrides = {"rl.overlong_filter": "true", "rl.aggregation": mode, "train.max_steps": 1, "train.batch_size": batch_size,
+                 "train.grad_accum": accum}
+    if command == "ppo":
+        overrides.update({"rollout.num_generations": 1, "rl.ppo_epochs": 1, "rl.kl_coef": 0.0, "rl.vf_coef": 0.5})
+    run_command(command, tiny_model_dir, tmp_path, **{**RL, **overrides})
+    rollouts = collected[0]
+    active = rollouts.active.tolist()
+    assert any(not a and any(active[i + 1 : (i // batch_size + 1) * batch_size]) for i, a in enumerate(active))
+    per_token = (-rollouts.advantages).tolist()
+    if command == "ppo":
+        per_token = [x + 0.5 * 0.5 * float(r) ** 2 for x, r in zip(per_token, rollouts.returns)]
+    expected = loss_without_the_filtered(rollouts, per_token, mode, 12)
+    assert metrics(tmp_path)[0]["loss"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_soft_overlong_punishment(tiny_model_dir, tmp_path):
@@ -183,6 +240,45 @@ def test_recipe_errors(tiny_model_dir, tmp_path, overrides, message):
 
     with pytest.raises((UserError, ValueError), match=message):
         run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, **overrides})
+
+
+@pytest.mark.parametrize("command, overrides, estimator", [
+    ("grpo", {}, "k3"),
+    ("grpo", {"rl.kl_in": "reward", "rl.advantage": "reinforce_pp"}, "k1"),  # REINFORCE++, Eqs. 8-9
+    ("grpo", {"rl.kl_in": "reward", "rl.kl_estimator": "k3"}, "k3"),  # asked for: kept (the README says what it does)
+    ("grpo", {"rl.kl_estimator": "k2"}, "k2"),
+    ("ppo", {}, "k1"),
+    ("ppo", {"rl.kl_in": "loss"}, "k3"),
+])
+def test_the_kl_estimator_follows_where_the_kl_goes(tiny_model_dir, tmp_path, command, overrides, estimator):
+    """Unset, rl.kl_estimator is k1 in the reward and k3 in the loss, resolved at recipe load: the run's recipe.yaml
+    says which, and loads back to the same recipe."""
+    import yaml
+
+    from posttrain.config import dump_recipe, load_recipe, validate_recipe
+
+    from helpers import tiny_recipe
+
+    recipe = load_recipe(command, None, tiny_recipe(tiny_model_dir, tmp_path, **{"rl.kl_coef": 0.1, **overrides}))
+    assert recipe.rl.kl_estimator == estimator
+    written = yaml.safe_load(dump_recipe(recipe))
+    assert written["rl"]["kl_estimator"] == estimator
+    assert validate_recipe(command, written) == recipe
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+def test_k1_in_the_loss_is_refused_with_the_way_out(tiny_model_dir, tmp_path, command):
+    """k1 in the loss has zero expected gradient: refused at load, naming k3 / k2 in the loss or k1 in the reward;
+    without a KL term (kl_coef 0) the estimator is not read and nothing is refused."""
+    from posttrain.config import load_recipe
+    from posttrain.errors import UserError
+
+    from helpers import tiny_recipe
+
+    settings = {"rl.kl_in": "loss", "rl.kl_estimator": "k1"}
+    with pytest.raises(UserError, match="zero expected gradient.*k3 or k2.*kl_in: reward"):
+        load_recipe(command, None, tiny_recipe(tiny_model_dir, tmp_path, **settings, **{"rl.kl_coef": 0.1}))
+    assert load_recipe(command, None, tiny_recipe(tiny_model_dir, tmp_path, **settings, **{"rl.kl_coef": 0.0}))
 
 
 # -- the generation backend ----------------------------------------------------------------------------
@@ -361,7 +457,10 @@ def test_evaluation_reports_each_verifier_when_the_sum_is_no_accuracy(tiny_model
 
 
 def test_prompt_tuned_models_decode_with_their_virtual_tokens(tiny_model_dir):
-    """A prompt-tuning adapter's learned embeddings precede every prompt: greedy decoding equals PEFT's generate."""
+    """A prompt-tuning adapter's learned embeddings precede every prompt: greedy decoding equals greedy decoding
+    recomputed from scratch at every token (virtual embeddings + the tokens so far, no cache). PEFT's own
+    ``generate`` was the reference until transformers 5.24, where its cached decoding of prompt-tuned models
+    diverges from that recomputation after a few tokens."""
     from peft import PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -375,8 +474,14 @@ def test_prompt_tuned_models_decode_with_their_virtual_tokens(tiny_model_dir):
         model.prompt_encoder["default"].embedding.weight.normal_(0, 1)
     ours = TransformersBackend(model, load_tokenizer(str(tiny_model_dir))).generate(
         PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=0.0))[0].token_ids
-    theirs = model.generate(input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, pad_token_id=2)
-    assert ours == theirs[0, -8:].tolist()[: len(ours)]
+    ids, recomputed = list(PROMPTS[0]), []
+    with torch.no_grad():
+        while len(recomputed) < len(ours):
+            embeddings = base.get_input_embeddings()(torch.tensor([ids]))
+            inputs = torch.cat([model.get_prompt(batch_size=1).to(embeddings.dtype), embeddings], 1)
+            recomputed.append(int(base(inputs_embeds=inputs).logits[0, -1].argmax()))
+            ids.append(recomputed[-1])
+    assert len(ours) == 8 and ours == recomputed
     plain = TransformersBackend(base, load_tokenizer(str(tiny_model_dir)))
     with model.disable_adapter():
         assert plain.generate(PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=0.0))[0].token_ids != ours

@@ -172,3 +172,32 @@ def test_eva_initializes_lora_a_from_the_data(tiny_model_dir, tmp_path):
     run_sft(tiny_model_dir, tmp_path, **{**SAME_BATCH, "peft.method": "eva", "peft.r": 4, "train.lr": 0.0})
     a = load_model(str(tmp_path / "final")).base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=a.dtype), atol=1e-5, rtol=0)
+
+
+def lora_a(out):
+    from posttrain.models import load_model
+
+    return load_model(str(out / "final")).base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo", "rft", "online-dpo"])
+def test_eva_initializes_from_the_prompts_in_commands_that_sample(tiny_model_dir, tmp_path, command):
+    """The sampling commands have prompts only: EVA's SVD runs on the rendered prompts' activations, so A's rows
+    are orthonormal, unlike the plain LoRA init of the same seed."""
+    from conftest import build_model
+    from helpers import run_command
+    from posttrain.config import PeftConfig
+    from posttrain.models import apply_peft
+
+    section = {"grpo": "rl", "ppo": "rl", "rft": "rft", "online-dpo": "online"}[command]
+    rl = {"data.limit": 8, "rollout.num_generations": 4, "rollout.max_new_tokens": 8, "rollout.stop": '["e"]',
+          "train.max_steps": 1, "train.batch_size": 4, "peft.method": "eva", "peft.r": 4, "train.lr": 0.0,
+          "rewards": "[{name: length, options: {per: 10}}]", f"{section}.reward_workers": 0}
+    if command == "rft":
+        rl.update({"rft.rounds": 1, "rft.steps_per_round": 1, "rft.prompts_per_round": 4, "train.max_steps": "null"})
+    run_command(command, tiny_model_dir, tmp_path, **rl)
+    eva = lora_a(tmp_path)
+    lora = q_proj(apply_peft(build_model(384), PeftConfig(method="lora", r=4), {"method", "r"})).lora_A["default"].weight
+    torch.testing.assert_close(eva @ eva.T, torch.eye(4, dtype=eva.dtype), atol=1e-5, rtol=0)
+    assert not torch.allclose(lora @ lora.T, torch.eye(4, dtype=lora.dtype), atol=1e-2)
+    assert not torch.allclose(eva.to(lora.dtype), lora, atol=1e-2)

@@ -71,9 +71,10 @@ def authors_pro(scores, rewards, sum_scores, sft_weight):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_pro_matches_the_authors_code(seed):
+    """Without ties; with ties theirs depends on the order of the tied responses (see the next test)."""
     g = torch.Generator().manual_seed(seed)
     b, k = 5, 4
-    rewards = torch.randint(0, 3, (b, k), generator=g).double().sort(1, descending=True).values  # ties included
+    rewards = (3 * torch.rand(b, k, generator=g, dtype=torch.float64)).sort(1, descending=True).values
     lengths = torch.randint(2, 9, (b, k), generator=g).double()
     logps = -torch.rand(b, k, generator=g, dtype=torch.float64) * 3 * lengths
     ours, _ = ranking_loss("pro", logps, lengths, rewards, sft_weight=0.05)
@@ -88,14 +89,44 @@ def test_pro_tied_responses_are_not_ranked_against_each_other(temperature):
     losses, _ = ranking_loss("pro", logps, lengths, torch.tensor([[1.0, 1.0]]), reward_temperature=temperature, sft_weight=0.0)
     losses.sum().backward()
     assert logps.grad.abs().max().item() == 0  # two equally good answers: nothing to learn from their order
-    if not temperature:  # binary feedback [1, 1, 0]: both correct answers are treated alike
-        three = torch.tensor([[-4.0, -9.0, -3.0]], dtype=torch.float64)
-        swapped = three[:, [1, 0, 2]]
-        one, _ = ranking_loss("pro", three, LENGTHS[:, [0, 0, 2]].double(), torch.tensor([[1.0, 1.0, 0.0]]),
-                              reward_temperature=False, sft_weight=0.0)
-        two, _ = ranking_loss("pro", swapped, LENGTHS[:, [0, 0, 2]].double(), torch.tensor([[1.0, 1.0, 0.0]]),
-                              reward_temperature=False, sft_weight=0.0)
-        assert one.item() == pytest.approx(two.item())
+
+
+@pytest.mark.parametrize("temperature", [True, False])
+@pytest.mark.parametrize("sft_weight", [0.0, 0.05])
+def test_pro_does_not_depend_on_the_order_of_tied_responses(temperature, sft_weight):
+    """Binary feedback [1, 1, 0]: each correct answer is ranked against the wrong one only (the reward gap is 1, so
+    both forms agree), and the SFT term is the mean of the two correct answers' summed NLLs, in any order."""
+    logps = torch.tensor([[-4.0, -9.0, -3.0]], dtype=torch.float64)
+    lengths = torch.tensor([[2.0, 3.0, 1.0]], dtype=torch.float64)
+    scores = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    s = [-2.0, -3.0, -3.0]
+    ranked = sum(math.log(math.exp(s[k]) + math.exp(s[2])) - s[k] for k in (0, 1))
+    expected = ranked + sft_weight * 2 ** 2 * (4.0 + 9.0) / 2
+    for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0], [1, 2, 0]):
+        losses, _ = ranking_loss("pro", logps[:, order], lengths[:, order], scores[:, order],
+                                 reward_temperature=temperature, sft_weight=sft_weight)
+        assert losses.item() == pytest.approx(expected, rel=1e-12), order
+    g = torch.Generator().manual_seed(0)  # several tied groups, random orders
+    rewards = torch.tensor([[2.0, 2.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    lengths = torch.randint(2, 9, (1, 6), generator=g).double()
+    logps = -torch.rand(1, 6, generator=g, dtype=torch.float64) * 3 * lengths
+    first, _ = ranking_loss("pro", logps, lengths, rewards, reward_temperature=temperature, sft_weight=sft_weight)
+    for _ in range(6):
+        order = torch.randperm(6, generator=g)
+        again, _ = ranking_loss("pro", logps[:, order], lengths[:, order], rewards[:, order],
+                                reward_temperature=temperature, sft_weight=sft_weight)
+        assert again.item() == pytest.approx(first.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["aft", "rrhf"])
+def test_tied_best_responses_share_the_sft_term(name):
+    scores = torch.tensor([[3.0, 3.0, 1.0]])
+    losses, _ = ranking_loss(name, LOGPS.double(), LENGTHS.double(), scores, sft_weight=1.0)
+    swapped, _ = ranking_loss(name, LOGPS.double()[:, [1, 0, 2]], LENGTHS.double()[:, [1, 0, 2]], scores, sft_weight=1.0)
+    without, _ = ranking_loss(name, LOGPS.double(), LENGTHS.double(), scores, sft_weight=0.0)
+    nll = (2.0 + 3.0) / 2 if name == "aft" else (4.0 + 9.0) / 2  # mean NLL per token (AFT) or summed (RRHF)
+    assert losses.item() == pytest.approx(swapped.item(), rel=1e-12)
+    assert (losses - without).item() == pytest.approx(nll, rel=1e-12)
 
 
 def test_listnet_by_hand():

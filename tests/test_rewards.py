@@ -41,6 +41,24 @@ def test_math_answer_without_a_reference_cannot_score():
     assert math_answer(["", ""], ["#### 3", "#### 3"], answer=["3", None]) == [1.0, None]
 
 
+GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+                  "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+
+
+def test_a_gsm8k_solution_as_gold_is_read_like_a_completion():
+    """Raw GSM8K records carry the whole solution as ``answer``: its final answer is the one after ``####``, for the
+    reward and for answer_accuracy's greedy and majority-vote scores alike."""
+    from posttrain.evaluate.answers import is_correct
+    from posttrain.evaluate.tasks import _vote_correct
+
+    worked = "She sold 48 / 2 = 24 in May, so 48 + 24 = 72 in all.\n#### 72"
+    completions = ["#### 72", worked, "#### 24"]
+    assert math_answer([""] * 3, completions, answer=[GSM8K_SOLUTION] * 3) == [1.0, 1.0, 0.0]
+    assert [is_correct(c, GSM8K_SOLUTION) for c in completions] == [True, True, False]
+    assert [_vote_correct([c], GSM8K_SOLUTION) for c in completions] == [1.0, 1.0, 0.0]
+    assert math_answer([""], ["\\boxed{\\frac{3}{4}}"], answer=["\\frac{3}{4}"]) == [1.0]  # a bare gold number stays one
+
+
 def test_answers_are_exact_fractions():
     assert extract_answer("#### 1,000.50") == Fraction(2001, 2)
     assert extract_answer("\\boxed{2\\frac{1}{2}}") is not None  # a mixed number is read, never a crash

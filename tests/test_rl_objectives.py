@@ -122,6 +122,18 @@ def test_remax_against_a_loop():
         run("remax")
 
 
+@pytest.mark.parametrize("name, settings", [("grpo", {"scale_rewards": s}) for s in ("group", "batch", "none")]
+                         + [(n, {}) for n in ("dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")])
+@pytest.mark.parametrize("length", [1, 3])
+def test_a_step_of_one_completion_gets_zero_advantage_not_nan(name, settings, length):
+    """Nothing to compare one completion with (no group, a batch std of one value, whitening over one token): it
+    cannot teach, so its advantage is 0, never NaN."""
+    token_seq = torch.zeros(length, dtype=torch.long)
+    penalty = torch.full((length,), -0.1, dtype=torch.float64) if length == 1 else torch.zeros(length, dtype=torch.float64)
+    values = advantages(name, torch.tensor([0.7], dtype=torch.float64), torch.tensor([3]), token_seq, penalty, **settings)
+    assert values.tolist() == pytest.approx([0.0] * length, abs=1e-9)  # identical returns whiten to rounding noise
+
+
 def test_every_estimator_is_tested_here():
     assert set(ADVANTAGES) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"}
 
@@ -213,6 +225,39 @@ def test_kl_estimators_are_unbiased_for_the_true_kl():
     true = float((p * (p / q).log()).sum())
     for estimator in ("k1", "k3"):
         assert float(kl_estimate(p.log()[samples], q.log()[samples], estimator).mean()) == pytest.approx(true, abs=2e-3)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_kl_gradients_in_the_loss_and_in_the_reward(scale):
+    """The expected gradients the README states, exactly over a categorical policy (sum over outcomes, not samples).
+    In the loss E_pi[grad k]: k1 0 (refused), k2 grad KL(pi||ref), k3 grad KL(ref||pi). In the reward, the
+    score-function term E_pi[sg(k) grad log pi]: k1 grad KL(pi||ref), k3 grad KL(pi||ref) - grad KL(ref||pi), k2
+    grad E_pi[k2] - grad KL(pi||ref); the last two cancel to first order near the reference."""
+    generator = torch.Generator().manual_seed(0)
+    ref = torch.randn(6, dtype=torch.float64, generator=generator).log_softmax(-1)
+    theta = (ref + scale * torch.randn(6, dtype=torch.float64, generator=generator)).requires_grad_()
+
+    def grad(f):
+        return torch.autograd.grad(f(theta.log_softmax(-1)), theta)[0]
+
+    def in_loss(estimator):
+        return grad(lambda logp: (logp.exp().detach() * kl_estimate(logp, ref, estimator)).sum())
+
+    def in_reward(estimator):
+        return grad(lambda logp: (logp.exp().detach() * kl_estimate(logp, ref, estimator).detach() * logp).sum())
+
+    forward = grad(lambda logp: (logp.exp() * (logp - ref)).sum())
+    reverse = grad(lambda logp: (ref.exp() * (ref - logp)).sum())
+    k2_mean = grad(lambda logp: (logp.exp() * 0.5 * (logp - ref) ** 2).sum())
+    torch.testing.assert_close(in_loss("k1"), torch.zeros(6, dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(in_loss("k2"), forward, atol=1e-15, rtol=0)
+    torch.testing.assert_close(in_loss("k3"), reverse, atol=1e-15, rtol=0)
+    torch.testing.assert_close(in_reward("k1"), forward, atol=1e-15, rtol=0)
+    torch.testing.assert_close(in_reward("k3"), forward - reverse, atol=1e-15, rtol=0)
+    torch.testing.assert_close(in_reward("k2"), k2_mean - forward, atol=1e-15, rtol=0)
+    if scale < 1:  # log-ratios ~0.1: k3 / k2 in the reward pull a few percent as hard as k1
+        assert float(in_reward("k3").norm()) < 0.05 * float(forward.norm())
+        assert float(in_reward("k2").norm()) < 0.05 * float(forward.norm())
 
 
 # -- aggregation ---------------------------------------------------------------------------------

@@ -416,7 +416,8 @@ class PolicyConfig(Section):
     aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="how per-token losses become the step loss (see README)")
     kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference (0: no reference pass at all)")
-    kl_estimator: Literal["k1", "k2", "k3", "none"] = Field("k3", description="per-token KL estimator (none: no KL term)")
+    kl_estimator: Literal["k1", "k2", "k3", "none"] | None = Field(
+        None, description="per-token KL estimator (none: no KL term); unset: k1 in the reward, k3 in the loss")
     kl_in: Literal["loss", "reward"] = Field("loss", description="add the KL to the loss, or subtract it from the reward")
     sampler_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
         "none", description="importance correction for sampler / trainer log-prob mismatch: truncate (TIS) or mask the "
@@ -431,6 +432,14 @@ class PolicyConfig(Section):
 
     hyperparameter_names: ClassVar[tuple[str, ...]] = ("epsilon_low", "epsilon_high", "dual_clip")
 
+    @model_validator(mode="after")
+    def _kl_estimator_for_its_place(self) -> "PolicyConfig":
+        """Unset: k1 in the reward (REINFORCE++, Eqs. 8-9; PPO as in RLHF), whose score-function gradient is the
+        KL's; k3 in the loss (GRPO), where k1's gradient is zero in expectation. Resolved here, so recipe.yaml says."""
+        if self.kl_estimator is None:
+            self.kl_estimator = "k1" if self.kl_in == "reward" else "k3"
+        return self
+
     def hyperparameters(self) -> dict:
         """The settings passed to the registered advantage and policy-loss functions (unset: their defaults)."""
         return {k: v for k in self.hyperparameter_names if (v := getattr(self, k)) is not None}
@@ -444,7 +453,8 @@ class RLConfig(PolicyConfig):
                                                                     "(paper), the batch's, or not at all")
     num_iterations: int = Field(1, gt=0, description="optimizer steps per rollout batch (>1 reuses it with old log-probs)")
     dynamic_sampling: Literal["none", "drop", "resample"] = Field(
-        "none", description="DAPO: drop groups whose rewards all agree (resample: and sample more prompts to refill)")
+        "none", description="DAPO: drop groups whose rewards before length shaping all agree (resample: and sample more "
+        "prompts to refill)")
     max_resample: int = Field(4, ge=0, description="resample: extra sampling rounds per step at most")
 
     hyperparameter_names: ClassVar[tuple[str, ...]] = ("scale_rewards", "epsilon_low", "epsilon_high", "dual_clip")
@@ -455,7 +465,6 @@ class PPOConfig(PolicyConfig):
     Defaults follow TRL's PPOTrainer: k1 KL penalty in the reward at 0.05, gamma 1, lam 0.95, value clip 0.2."""
 
     kl_coef: float = Field(0.05, ge=0, description="weight of the per-token KL penalty to the reference (0: no reference pass)")
-    kl_estimator: Literal["k1", "k2", "k3", "none"] = Field("k1", description="per-token KL estimator (none: no KL term)")
     kl_in: Literal["loss", "reward"] = Field("reward", description="subtract the KL from the per-token reward (PPO), or add it to the loss")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount per token")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 is the Monte-Carlo return, 0 one-step TD")
@@ -492,6 +501,10 @@ class GRPORecipe(Recipe):
             raise ValueError("rewards: at least one reward function")
         if self.rl.kl_estimator == "none" and self.rl.kl_coef:
             raise ValueError(f"rl.kl_estimator: none means no KL term, but rl.kl_coef is {self.rl.kl_coef}: set one of them")
+        if self.rl.kl_estimator == "k1" and self.rl.kl_in == "loss" and self.rl.kl_coef:
+            raise ValueError("rl.kl_estimator: k1 in the loss has zero expected gradient (the mean of log pi - log pi_ref "
+                             "over samples of pi): it would not pull towards the reference. Use k3 or k2 in the loss, or "
+                             "k1 with rl.kl_in: reward")
         if self.rl.overlong_buffer is not None and self.rl.overlong_buffer >= self.rollout.max_new_tokens:
             raise ValueError("rl.overlong_buffer must be shorter than rollout.max_new_tokens")
         return self

@@ -53,7 +53,7 @@ def export_checkpoint(run_dir: Path, name: str, out: Path) -> None:
         if key.startswith(("value_head.", "critic.")):  # PPO checkpoints its value model next to the policy
             continue
         params[key.removeprefix("policy.")].data.copy_(value)
-    save_final(merged(model), load_tokenizer(path), out)
+    save_final(merged(model), load_tokenizer(path, recipe.trust_remote_code, recipe.data.chat_template), out)
 
 
 def export_classifier_checkpoint(command: str, tree: dict, weights: dict, out: Path) -> None:
@@ -64,7 +64,7 @@ def export_classifier_checkpoint(command: str, tree: dict, weights: dict, out: P
 
     recipe = validate_recipe(command, tree)
     path = resolve_model(recipe.model)
-    tokenizer = load_tokenizer(path, recipe.trust_remote_code)
+    tokenizer = load_tokenizer(path, recipe.trust_remote_code, recipe.data.chat_template)
     task = COMMANDS[command].task_class()(recipe, tokenizer)
     model = apply_peft(task.load_model(path), recipe.peft, set(), recipe.train.seed, task.peft_task_type)
     task.setup(model, None, [], [])

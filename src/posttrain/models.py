@@ -94,8 +94,13 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer of ``path``; a run's ``data.chat_template`` (``chat_template``) replaces its own, so everything
+    that renders a prompt with it (rollouts, recipe evals, a judging policy) uses the template the run trains with,
+    and ``final/`` saves that template for ``generate``, ``chat`` and ``eval`` on the run."""
     from transformers import AutoTokenizer
+
+    from posttrain.data.tokenize import template_text
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -103,6 +108,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise not_loadable(path, exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = template_text(chat_template)
     return tokenizer
 
 

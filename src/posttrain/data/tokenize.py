@@ -22,6 +22,11 @@ CHATML = (
 TEMPLATE_PRESETS = {"chatml": CHATML}
 
 
+def template_text(template: str | None) -> str | None:
+    """A recipe's ``data.chat_template`` as Jinja: a preset's text, or the string itself (None: the tokenizer's)."""
+    return TEMPLATE_PRESETS.get(template, template) if template else None
+
+
 @dataclass
 class TokenizedExample:
     input_ids: np.ndarray  # int64 [T]
@@ -46,7 +51,7 @@ class ChatFormatter:
 
     def __init__(self, tokenizer, template: str | None = None):
         self.tokenizer = tokenizer
-        self.template = TEMPLATE_PRESETS.get(template, template) if template else None
+        self.template = template_text(template)
         if self.template is None and not getattr(tokenizer, "chat_template", None):
             raise UserError("the tokenizer has no chat template: set data.chat_template (e.g. 'chatml' or a Jinja string)")
 

@@ -4,7 +4,8 @@ Small models rarely answer with the number alone ("13 + 15 = 28"), so extraction
 order: the number after GSM8K's ``####``, the content of the last ``\\boxed{...}``, the number after
 "answer is", the number after the last ``=``, then the last number in the text. Numbers are compared
 as exact fractions (``0.75``, ``3/4`` and ``\\frac{3}{4}`` are equal; ``0.1 + 0.2`` style float noise
-cannot make a right answer wrong), after removing thousands separators, ``$`` and ``%``.
+cannot make a right answer wrong), after removing thousands separators, ``$`` and ``%``. A reference that is not
+a number itself (a GSM8K solution text) gives its final answer by the same extraction.
 """
 
 from __future__ import annotations
@@ -72,7 +73,16 @@ def extract_answer(text: str) -> Fraction | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+def reference_answer(reference: str | float | Fraction) -> Fraction | None:
+    """The gold number: the reference itself when it is one (``72``, ``3/4``, ``\\frac{3}{4}``), else read the way a
+    completion's answer is (a GSM8K solution text gives the number after its ``####``)."""
+    if isinstance(reference, Fraction):
+        return reference
+    number = normalize_number(str(reference))
+    return number if number is not None else extract_answer(str(reference))
+
+
 def is_correct(completion: str, reference: str | float | Fraction) -> bool:
     predicted = extract_answer(completion)
-    gold = reference if isinstance(reference, Fraction) else normalize_number(str(reference))
+    gold = reference_answer(reference)
     return predicted is not None and gold is not None and predicted == gold

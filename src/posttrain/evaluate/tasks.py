@@ -223,14 +223,11 @@ def answer_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult
 
 def _vote_correct(texts: list[str], answer) -> float:
     """Whether the majority answer of ``texts`` (ties: the answer given first) is the reference."""
-    from fractions import Fraction
-
-    from posttrain.evaluate.answers import normalize_number
+    from posttrain.evaluate.answers import reference_answer
     from posttrain.infer.decoding import majority_vote
 
     winner, _ = majority_vote(texts)
-    gold = answer if isinstance(answer, Fraction) else normalize_number(str(answer))
-    return float(winner is not None and winner == gold)
+    return float(winner is not None and winner == reference_answer(answer))
 
 
 @EVAL_TASKS.register("length", reads=GENERATION)

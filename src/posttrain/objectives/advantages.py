@@ -31,7 +31,10 @@ def group_statistics(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch
 
 
 def whiten(values: torch.Tensor, epsilon: float = 1e-8) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over all values, unbiased variance (verl's ``masked_whiten``)."""
+    """``(x - mean) / sqrt(var + eps)`` over all values, unbiased variance (verl's ``masked_whiten``). At most one
+    value has no variance (NaN): it is its own mean, so it whitens to 0."""
+    if values.numel() < 2:
+        return torch.zeros_like(values)
     return (values - values.mean()) * torch.rsqrt(values.var() + epsilon)
 
 
@@ -44,15 +47,15 @@ def grpo(rewards, groups, token_seq, token_penalty, scale_rewards: str = "group"
     """GRPO (Shao et al., 2024, "DeepSeekMath", Sec. 4.1.2, outcome supervision): every token of completion i
     gets ``(r_i - mean(group)) / (std + eps)``, std the unbiased standard deviation of the group (``scale_rewards:
     group``, the paper), of the whole batch (``batch``, as Liu et al. 2025 recommend against the group-std
-    difficulty bias), or no scaling (``none``). eps 1e-4 as TRL. A group of one gets advantage 0."""
+    difficulty bias), or no scaling (``none``). eps 1e-4 as TRL. A group of one gets advantage 0 (a step of one too)."""
     epsilon = 1e-4
     rewards = _with_penalty(rewards, token_seq, token_penalty)
     mean, std, count = group_statistics(rewards, groups)
     centred = torch.where(count > 1, rewards - mean, torch.zeros_like(rewards))
     if scale_rewards == "group":
         centred = centred / (std + epsilon)
-    elif scale_rewards == "batch":
-        centred = centred / (rewards.std() + epsilon)
+    elif scale_rewards == "batch":  # one completion has no std (NaN), and advantage 0 already
+        centred = centred / ((rewards.std() if len(rewards) > 1 else 0.0) + epsilon)
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
     return centred[token_seq]

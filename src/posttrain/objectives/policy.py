@@ -120,8 +120,9 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) ->
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, 2020, "Approximating KL divergence"),
     with ``log_r = log pi_ref - log pi``: ``k1 = -log_r`` (unbiased, high variance, may be negative),
     ``k2 = log_r^2 / 2`` (its gradient is the true KL gradient on-policy), ``k3 = exp(log_r) - 1 - log_r``
-    (unbiased, low variance, always >= 0; GRPO's choice). TRL #4967: the *gradient* of k3 used in the loss is
-    biased; k1 in the reward (``rl.kl_in: reward``) is not."""
+    (unbiased, low variance, always >= 0; GRPO's choice). Their expected gradients differ from their values'
+    (TRL #4967): in the loss k1 gives 0 (refused), k2 grad KL(pi || ref), k3 grad KL(ref || pi); in the reward
+    (``rl.kl_in: reward``, score function) k1 gives grad KL(pi || ref), k3 grad KL(pi || ref) - grad KL(ref || pi)."""
     log_r = (ref_logps - logps).clamp(-20.0, 20.0)
     if estimator == "k1":
         return -log_r

@@ -38,10 +38,12 @@ class Ranked:
 
     def best_nll(self, per_token: bool = True) -> torch.Tensor:
         """NLL of each prompt's best-scored response (the SFT term of RRHF / PRO / AFT): length-averaged,
-        or summed over the response's tokens with ``per_token=False``. Of tied bests, the first."""
-        best = self.scores.masked_fill(~self.mask, float("-inf")).argmax(1, keepdim=True)
+        or summed over the response's tokens with ``per_token=False``. Tied bests share it (their mean), so the
+        loss does not depend on the order of the records' responses."""
+        scores = self.scores.masked_fill(~self.mask, float("-inf"))
+        best = (scores == scores.amax(1, keepdim=True)) & self.mask
         logps = self.model_scores if per_token else self.logps
-        return -logps.gather(1, best).squeeze(1)
+        return -logps.masked_fill(~best, 0.0).sum(1) / best.sum(1).clamp(min=1)
 
 
 RANKING = Registry("ranking")
@@ -82,29 +84,27 @@ def rrhf(r: Ranked, sft_weight: float = 1.0) -> torch.Tensor:
 
 @RANKING.register("pro")
 def pro(r: Ranked, reward_temperature: bool = True, sft_weight: float = 0.05) -> torch.Tensor:
-    """PRO (Song et al., 2024, Eq. 5 with the reward-gap temperature of Sec. 3.3), as the authors' code
-    computes it (AlibabaResearch/DAMO-ConvAI, PRO/train/utils/process_manager.py). Responses sorted by the
-    data's reward r, s the length-averaged log-probs; each response k against those ranked below it:
-    ``log(exp(s_k T_k) + sum_{i>k} exp(s_i (r_k - r_i))) - s_k T_k`` with ``T_k = max_{i>k} (r_k - r_i)``.
-    A response tied with k gets temperature 0, a constant exp(0) = 1 with no gradient, so a tie contributes
-    nothing. ``reward_temperature: false`` gives plain Plackett-Luce over the strictly worse responses,
-    ``log(exp(s_k) + sum_{r_i < r_k} exp(s_i)) - s_k``, ties again contributing nothing. The SFT term is
-    weighted as in the authors' code, ``sft_weight * (n - 1)^2 * -log pi(y_best|x)`` summed over tokens, n
-    the prompt's response count (their scripts use sft_weight 0.05). Their 1e-10 inside the log is left out."""
-    order = r.scores.masked_fill(~r.mask, float("-inf")).argsort(dim=1, descending=True, stable=True)
-    present = r.mask.gather(1, order)
-    rewards = r.scores.gather(1, order)
-    s = r.model_scores.gather(1, order)
-    k = torch.arange(s.shape[1], device=s.device)
-    after = (k[None, :, None] < k[None, None, :]) & present[:, :, None] & present[:, None, :]  # [b, k, i]: i below k
-    gaps = (rewards[:, :, None] - rewards[:, None, :]).masked_fill(~after, 0.0)  # r_k - r_i >= 0
+    """PRO (Song et al., 2024, arXiv 2306.17492, Eq. 5 with the reward-gap temperature of Sec. 3.3), as the
+    authors' code computes it (AlibabaResearch/DAMO-ConvAI, PRO/train/utils/process_manager.py) for responses with
+    distinct rewards r; s the length-averaged log-probs. Each response k against those strictly worse than it:
+    ``log(exp(s_k T_k) + sum_{r_i < r_k} exp(s_i (r_k - r_i))) - s_k T_k`` with ``T_k = max_{r_i < r_k} (r_k - r_i)``.
+    ``reward_temperature: false`` gives plain Plackett-Luce, ``log(exp(s_k) + sum_{r_i < r_k} exp(s_i)) - s_k``.
+    The SFT term is weighted as in the authors' code, ``sft_weight * (n - 1)^2 * -log pi(y_best|x)`` summed over
+    tokens, n the prompt's response count (their scripts use sft_weight 0.05). Their 1e-10 inside the log is left
+    out. Where rewards tie, this departs from their code, whose loss depends on the order of tied responses: there
+    a response tied with k and listed after it enters k's denominator as a constant exp(0) = 1 (and one listed before
+    it does not), and the SFT term takes one record-given best. Here tied responses are kept out of each other's
+    terms and the SFT term is the mean over the tied best responses, so any order of the records gives one loss."""
+    worse = r.better()  # [b, k, i]: response i strictly worse than response k
+    s = r.model_scores
     if reward_temperature:
-        negatives, neg_scale, pos_scale = after, gaps, gaps.amax(2)
+        neg_scale = (r.scores[:, :, None] - r.scores[:, None, :]).masked_fill(~worse, 0.0)  # r_k - r_i > 0
+        pos_scale = neg_scale.amax(2)
     else:
-        negatives, neg_scale, pos_scale = after & (gaps > 0), torch.ones_like(gaps), torch.ones_like(s)
-    active = negatives.any(2)  # k has a response below it
+        neg_scale, pos_scale = torch.ones_like(worse, dtype=s.dtype), torch.ones_like(s)
+    active = worse.any(2)  # k has a response below it
     pos = (s * pos_scale).masked_fill(~active, 0.0)
-    neg = (s[:, None, :] * neg_scale).masked_fill(~negatives, _very_negative(s))
+    neg = (s[:, None, :] * neg_scale).masked_fill(~worse, _very_negative(s))
     terms = torch.logsumexp(torch.cat([pos[:, :, None], neg], 2), 2) - pos
     squared = (r.counts - 1).clamp(min=0).to(s.dtype) ** 2
     return terms.masked_fill(~active, 0.0).sum(1) + sft_weight * squared * r.best_nll(per_token=False)

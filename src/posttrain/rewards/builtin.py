@@ -10,7 +10,9 @@ from posttrain.evaluate.answers import extract_answer, is_correct
 
 def math_answer(prompts, completions, answer, **_) -> list[float | None]:
     """1 if the completion's final number (``#### N``, ``\\boxed{...}``, "answer is N", after the last ``=``, or
-    the last number) equals the record's ``answer`` exactly (as fractions), else 0; None where no answer is given."""
+    the last number) equals the record's ``answer`` exactly (as fractions), else 0; None where no answer is given.
+    An ``answer`` that is not a number (a raw GSM8K solution ending in ``#### 72``) has its final answer read the
+    same way as the completion's."""
     return [None if gold is None else float(is_correct(text, gold)) for text, gold in zip(completions, answer)]
 
 

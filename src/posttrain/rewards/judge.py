@@ -49,8 +49,9 @@ class PairwiseJudge:
     def question(self, conversation, first: str, second: str) -> str:
         text = self.template.format(conversation=conversation_text(conversation), first=first, second=second)
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
+            from posttrain.rollout.generate import render_prompt
+
+            return render_prompt(self.tokenizer, text)
         return text + "\nAnswer:"
 
     @torch.no_grad()

@@ -7,7 +7,9 @@ from tqdm.auto import tqdm
 
 
 def render_prompt(tokenizer, prompt, chat: bool = True) -> str:
-    """A chat prompt (string or messages) rendered up to the assistant's turn; raw text when ``chat`` is off."""
+    """A chat prompt (string or messages) rendered up to the assistant's turn; raw text when ``chat`` is off. The
+    template is the tokenizer's: a run's tokenizer, and the one its ``final/`` saves, carries the recipe's
+    ``data.chat_template`` (``models.load_tokenizer``), so evals and ``generate`` / ``chat`` see the trained one."""
     if not chat:
         return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

@@ -45,7 +45,7 @@ def run(command: str, recipe: Recipe) -> dict:
     set_seed(recipe.train.seed)
     with accelerator.main_process_first():
         path = resolve_model(recipe.model)
-    tokenizer = load_tokenizer(path, recipe.trust_remote_code)
+    tokenizer = load_tokenizer(path, recipe.trust_remote_code, recipe.data.chat_template)
     task = COMMANDS[command].task_class()(recipe, tokenizer)
     train_examples = task.build_dataset("train", quiet=quiet)  # each machine's first process tokenizes, the rest wait
     eval_examples = task.build_dataset("eval", quiet=quiet)
@@ -95,7 +95,8 @@ EVA_BATCHES = 16  # batches of training sequences EVA's SVD sees
 
 def initialize_eva(model, pad: int, examples, batch_size: int) -> None:
     """EVA (Paischer et al., 2024): LoRA A matrices from the SVD of layer inputs on training sequences
-    (each task says which: SFT examples, preferred completions, desirable ones, best-ranked ones)."""
+    (each task says which: SFT examples, preferred completions, desirable ones, best-ranked ones, the prompts
+    of the commands that sample)."""
     from peft import initialize_lora_eva_weights
 
     from posttrain.data.batching import collate

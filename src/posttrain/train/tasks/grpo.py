@@ -109,6 +109,11 @@ class RLBatch:
         return RLBatch(**moved)
 
 
+def varies(values: list[float], g: int) -> list[bool]:
+    """Per group of ``g`` consecutive values, whether they differ."""
+    return [max(values[i : i + g]) > min(values[i : i + g]) for i in range(0, len(values), g)]
+
+
 @dataclass
 class Sampled:
     """One process's sampled and scored groups of a step (completions of a group are contiguous)."""
@@ -125,8 +130,8 @@ class Sampled:
     trained_groups: int = 0
     spare: tuple | None = None  # (flat, completions) of one dropped group, when every group was dropped
 
-    def add(self, flat: list, completions: list, scores, totals: list[float], g: int) -> list[bool]:
-        """Append a sampling round; whether each of its groups has rewards that vary."""
+    def add(self, flat: list, completions: list, scores, totals: list[float]) -> None:
+        """Append a sampling round (``totals``: its shaped rewards)."""
         self.flat += flat
         self.completions += completions
         self.totals += totals
@@ -134,7 +139,6 @@ class Sampled:
         for name, values in scores.by_reward.items():
             self.by_reward.setdefault(name, []).extend(values)
             self.failed[name] = self.failed.get(name, 0) + scores.failed[name]
-        return [max(totals[i : i + g]) > min(totals[i : i + g]) for i in range(0, len(totals), g)]
 
     def select(self, groups: list[int], g: int) -> None:
         if not groups and self.flat:
@@ -308,20 +312,23 @@ class GRPOTask(SamplingTask):
                         sampler_logps, masks=tool_masks(completions))
 
     def sample_groups(self, step: int, examples: list) -> "Sampled":
-        """This process's groups of the step, scored; with DAPO's dynamic sampling only groups whose rewards vary,
-        refilled from extra prompts (``resample``) up to ``rl.max_resample`` rounds."""
+        """This process's groups of the step, scored; with DAPO's dynamic sampling only groups whose rewards before
+        length shaping vary (Yu et al., 2025, Eq. 11: not all right, not all wrong), refilled from extra prompts
+        (``resample``) up to ``rl.max_resample`` rounds."""
         g = self.recipe.rollout.num_generations
         sampled = Sampled()
         keep: list[bool] = []
         rounds = 0
         while True:
             flat, completions, scores = self.sample(step, self.my_prompts(step, examples, stream=rounds))
-            varied = sampled.add(flat, completions, scores, self.shape_rewards(list(scores.total), completions), g)
+            shaped = self.shape_rewards(list(scores.total), completions)
+            sampled.add(flat, completions, scores, shaped)
+            varied = varies(list(scores.total), g)  # DAPO filters on accuracy: the outcome before length shaping
             keep += varied if self.dynamic_sampling != "none" else [True] * len(varied)
             for error in scores.errors[:3]:
                 self.say(f"reward error: {error}")
             if rounds == 0:
-                sampled.group_count, sampled.zero_std_groups = len(varied), len(varied) - sum(varied)
+                sampled.group_count, sampled.zero_std_groups = len(varied), len(varied) - sum(varies(shaped, g))
             if self.dynamic_sampling != "resample" or sum(keep) >= sampled.group_count or rounds >= self.streams - 1:
                 break
             rounds += 1
@@ -433,9 +440,10 @@ class GRPOTask(SamplingTask):
         active = rollouts.active[members]
         weights, units = aggregation_weights(self.cfg.aggregation, batch.target_example, lengths, self.settings.max_new_tokens)
         weights = weights * active[batch.target_example].to(weights.dtype)
-        if not bool(active.all()):  # inactive completions leave the normalizer too
-            _, units = aggregation_weights(self.cfg.aggregation, batch.target_example[active[batch.target_example]],
-                                           lengths[active], self.settings.max_new_tokens)
+        if not bool(active.all()):  # inactive completions leave the normalizer too (renumbered among the active)
+            kept = active[batch.target_example]
+            renumbered = (torch.cumsum(active.long(), 0) - 1)[batch.target_example[kept]]
+            _, units = aggregation_weights(self.cfg.aggregation, renumbered, lengths[active], self.settings.max_new_tokens)
         pick = lambda t: None if t is None else t[order]  # noqa: E731
         return RLBatch(batch, rollouts.advantages[order], rollouts.sampler_logps[order], weights, units,
                        pick(rollouts.old_logps), pick(rollouts.ref_logps), pick(rollouts.values), pick(rollouts.returns),

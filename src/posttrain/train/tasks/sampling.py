@@ -119,6 +119,11 @@ class SamplingTask(OfflineTask):
                   f"data.max_length={self.recipe.data.max_length}", flush=True)
         return examples
 
+    def adapter_init_examples(self, examples: list[PromptExample]):
+        """EVA initializes from the rendered prompts: the tokens the policy reads before it samples."""
+        return (TokenizedExample(np.asarray(e.prompt_ids, np.int64), np.zeros(len(e.prompt_ids), np.float32))
+                for e in examples)
+
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
         from posttrain.rewards.model import load_scorer
