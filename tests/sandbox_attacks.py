@@ -3,7 +3,8 @@
 Standard library only, and the sandbox module is loaded from its file, so that ``tests/test_sandbox.py`` can run
 this file as an unprivileged user with the system's Python (``python sandbox_attacks.py``: one JSON line per
 attack). Each program prints ``ESCAPED`` if it got through and otherwise fails (a non-zero exit or its wall time):
-it must score 0, print no secret, and leave nothing running or allocated.
+it must score 0, print no secret, change no host file and leave nothing running (SysV IPC objects die with the
+sandbox's IPC namespace; the filter refuses creating them anyway).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ ATTACKS = {
                                      "print(s.recv(100))\nprint('ESCAPED')",
     "connect to the D-Bus system bus": "import socket\ns = socket.socket(socket.AF_UNIX)\n"
                                        "s.connect('/run/dbus/system_bus_socket')\nprint('ESCAPED')",
+    "a vsock socket to the host": "import socket\ns = socket.socket(40, socket.SOCK_STREAM)\n"
+                                  "s.connect((2, 5002))\nprint('ESCAPED')",
     "connect to the network": "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)\nprint('ESCAPED')",
     # item 14: memory outside the address-space limit
     "256 MB of SysV shared memory": _LIBC + "libc.shmat.restype = ctypes.c_void_p\n"
@@ -81,6 +84,8 @@ ATTACKS = {
                                     "if shm < 0:\n    raise OSError(ctypes.get_errno(), 'shmget')\n"
                                     "address = libc.shmat(shm, None, 0)\nctypes.memset(address, 1, 256 << 20)\n"
                                     "libc.shmdt(ctypes.c_void_p(address))\nprint('ESCAPED')",
+    "1 GB of SysV semaphores": _LIBC + "for _ in range(4000):\n    if libc.semget(0, 32000, 0o1600) < 0:\n"
+                               "        raise OSError(ctypes.get_errno(), 'semget')\nprint('ESCAPED')",
     "600 MB of memfd": "import os\nfds = [os.memfd_create(f'x{i}') for i in range(40)]\nfor fd in fds:\n"
                        "    for _ in range(15):\n        os.write(fd, b'x' * (1 << 20))\nprint('ESCAPED')",
     "200 MB into /tmp": _FILL.format(directory="/tmp"),
@@ -166,28 +171,27 @@ def _add_key(payload: str) -> None:
 
 
 def foreign_processes() -> set[int]:
-    """Processes of PID namespaces other than this process's: sandboxes still running."""
-    own = os.readlink("/proc/self/ns/pid")
+    """Live processes of the sandbox's users (nobody, or this user) in PID namespaces other than this process's:
+    sandboxes still running."""
+    own, users = os.readlink("/proc/self/ns/pid"), {65534, os.getuid()}
     found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.readlink(f"/proc/{entry}/ns/pid") != own:
+                status = Path(f"/proc/{entry}/status").read_text()
+                uid = int(status.split("\nUid:")[1].split()[0])
+                zombie = "\nState:\tZ" in status
+                if uid in users and not zombie and os.readlink(f"/proc/{entry}/ns/pid") != own:
                     found.add(int(entry))
-            except OSError:
+            except (OSError, IndexError, ValueError):
                 continue
     return found
-
-
-def shared_memory_segments() -> int:
-    with open("/proc/sysvipc/shm") as table:
-        return len(table.readlines()) - 1
 
 
 def run_attack(name: str, bait: dict, sandbox=None) -> dict:
     """One attack: its score under the sandbox (0 or 1) and what it left behind."""
     sandbox = sandbox or load_sandbox()
-    before_processes, before_shm = foreign_processes(), shared_memory_segments()
+    before = foreign_processes()
     code = string.Template(ATTACKS[name]).substitute(bait)
     start = time.perf_counter()
     result = sandbox.run_python(code + "\n", sandbox.Limits(**LIMITS))
@@ -195,8 +199,7 @@ def run_attack(name: str, bait: dict, sandbox=None) -> dict:
     time.sleep(0.05)
     return {"attack": name, "score": float(result.ok), "seconds": round(seconds, 3),
             "escaped": "ESCAPED" in result.stdout, "leaked_secret": SECRET in result.stdout + result.stderr,
-            "left_running": sorted(foreign_processes() - before_processes),
-            "left_shm": shared_memory_segments() - before_shm, "parent_alive": True,
+            "left_running": sorted(foreign_processes() - before),
             "bashrc_intact": Path(bait["home"], ".bashrc").read_text() == "# bashrc\n",
             "site_intact": not Path(bait["site"], "pwned.pth").exists(), "stderr": result.stderr[-300:]}
 
@@ -204,17 +207,20 @@ def run_attack(name: str, bait: dict, sandbox=None) -> dict:
 def neighbours(sandbox=None) -> dict:
     """Item 15: a program holding its whole process allowance must not make a concurrent correct one fail."""
     sandbox = sandbox or load_sandbox()
-    hog = ("import os, time\nfor _ in range(200):\n    try:\n        if os.fork() == 0:\n            time.sleep(6)\n"
-           "            os._exit(0)\n    except OSError:\n        break\ntime.sleep(6)\n")
+    hog = ("import os, time\nforks = 0\nwhile forks < 200:\n    try:\n        if os.fork() == 0:\n"
+           "            time.sleep(6)\n            os._exit(0)\n        forks += 1\n    except OSError:\n"
+           "        print('capped after', forks)\n        break\ntime.sleep(6)\n")
     correct = ("import threading\nthreads = [threading.Thread(target=sum, args=([1],)) for _ in range(8)]\n"
                "for t in threads:\n    t.start()\nfor t in threads:\n    t.join()\nprint('ok')\n")
     limits = sandbox.Limits(wall_seconds=8, cpu_seconds=4, memory_mb=256, processes=16)
-    hog_thread = threading.Thread(target=sandbox.run_python, args=(hog, limits))
+    hogged = []
+    hog_thread = threading.Thread(target=lambda: hogged.append(sandbox.run_python(hog, limits)))
     hog_thread.start()
-    time.sleep(2.0)  # the hog has used up its processes
+    time.sleep(2.0)  # the hog has used up its processes (it says so when it ends)
     result = sandbox.run_python(correct, limits)
     hog_thread.join()
-    return {"ok": result.ok, "stdout": result.stdout, "stderr": result.stderr[-300:]}
+    return {"ok": result.ok, "stdout": result.stdout, "stderr": result.stderr[-300:],
+            "hog": hogged[0].stdout.strip() if hogged else ""}
 
 
 def numpy_inside(sandbox=None) -> dict:

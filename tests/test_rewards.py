@@ -57,6 +57,8 @@ def test_a_gsm8k_solution_as_gold_is_read_like_a_completion():
     assert [is_correct(c, GSM8K_SOLUTION) for c in completions] == [True, True, False]
     assert [_vote_correct([c], GSM8K_SOLUTION) for c in completions] == [1.0, 1.0, 0.0]
     assert math_answer([""], ["\\boxed{\\frac{3}{4}}"], answer=["\\frac{3}{4}"]) == [1.0]  # a bare gold number stays one
+    # a gold that marks no answer is not guessed from its last number: the reward cannot score it
+    assert math_answer([""] * 3, ["1/2", "4", "5"], answer=["1 1/2", "x = 3, y = 4", "5 or 6"]) == [None] * 3
 
 
 def test_answers_are_exact_fractions():

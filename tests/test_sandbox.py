@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import sandbox_attacks
+import posttrain.rewards.sandbox as sandbox
 from posttrain.rewards.sandbox import Limits, SandboxUnavailable, run_python, seccomp_filter
 
 TESTS = Path(__file__).resolve().parent
@@ -25,7 +26,6 @@ def assert_held(outcome: dict) -> None:
     assert outcome["score"] == 0.0, f"{name}: the program succeeded"
     assert not outcome["escaped"] and not outcome["leaked_secret"], f"{name}: got through ({outcome['stderr']})"
     assert outcome["left_running"] == [], f"{name}: processes left running"
-    assert outcome["left_shm"] == 0, f"{name}: shared memory left allocated"
     assert outcome["bashrc_intact"] and outcome["site_intact"], f"{name}: a host file changed"
 
 
@@ -43,7 +43,9 @@ def test_a_hostile_program_scores_zero_and_leaves_nothing(attack, bait):
 
 @needs_isolation
 def test_a_program_at_its_process_cap_does_not_starve_a_neighbour():
-    assert sandbox_attacks.neighbours() == {"ok": True, "stdout": "ok\n", "stderr": ""}
+    outcome = sandbox_attacks.neighbours()
+    assert outcome["hog"].startswith("capped after"), outcome  # the hog did reach its cap
+    assert {k: outcome[k] for k in ("ok", "stdout", "stderr")} == {"ok": True, "stdout": "ok\n", "stderr": ""}
 
 
 @needs_isolation
@@ -82,7 +84,7 @@ def test_every_attack_holds_for_an_unprivileged_trainer():
         assert [o["attack"] for o in outcomes] == list(sandbox_attacks.ATTACKS)
         for outcome in outcomes:
             assert_held(outcome)
-        assert lines[-1]["neighbours"]["ok"], lines[-1]
+        assert lines[-1]["neighbours"]["ok"] and lines[-1]["neighbours"]["hog"].startswith("capped"), lines[-1]
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -93,15 +95,17 @@ def test_the_seccomp_filter_is_one_program_per_architecture():
         instructions = [struct.unpack("=HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
         assert instructions[0] == (0x20, 0, 0, 4)  # load seccomp_data.arch first
         assert instructions[-2:] == [(0x06, 0, 0, 0x7FFF0000), (0x06, 0, 0, 0x00050001)]  # allow, else EPERM
-        for offset, (code, jump_true, _, _) in enumerate(instructions):
-            if code == 0x15 and offset > 1:  # every syscall match lands on the EPERM return
-                assert offset + 1 + jump_true == len(instructions) - 1
+        denials = [(offset, k) for offset, (code, _, _, k) in enumerate(instructions[:-5]) if code == 0x15 and offset > 1]
+        assert [k for _, k in denials] == [n for name, n in sandbox._SYSCALLS[machine].items() if name != "socket"]
+        for offset, _ in denials:  # each lands on the EPERM return
+            assert offset + 1 + instructions[offset][1] == len(instructions) - 1
+        assert instructions[-5:-2] == [(0x15, 0, 2, sandbox._SYSCALLS[machine]["socket"]), (0x20, 0, 0, 16),
+                                       (0x15, 1, 0, 40)]  # socket(AF_VSOCK, ...) refused, other families allowed
     with pytest.raises(SandboxUnavailable, match="riscv64"):
         seccomp_filter("riscv64")
 
 
 def test_without_isolation_code_is_refused_unless_opted_in(monkeypatch):
-    import posttrain.rewards.sandbox as sandbox
     from posttrain.errors import UserError
     from posttrain.rewards import code_tests
     from posttrain.rewards.runner import RewardRunner

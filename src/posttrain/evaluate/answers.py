@@ -5,7 +5,7 @@ order: the number after GSM8K's ``####``, the content of the last ``\\boxed{...}
 "answer is", the number after the last ``=``, then the last number in the text. Numbers are compared
 as exact fractions (``0.75``, ``3/4`` and ``\\frac{3}{4}`` are equal; ``0.1 + 0.2`` style float noise
 cannot make a right answer wrong), after removing thousands separators, ``$`` and ``%``. A reference that is not
-a number itself (a GSM8K solution text) gives its final answer by the same extraction.
+a number itself gives the answer it marks (a GSM8K solution's ``####``, a ``\\boxed{}``) by the same extraction.
 """
 
 from __future__ import annotations
@@ -74,12 +74,16 @@ def extract_answer(text: str) -> Fraction | None:
 
 
 def reference_answer(reference: str | float | Fraction) -> Fraction | None:
-    """The gold number: the reference itself when it is one (``72``, ``3/4``, ``\\frac{3}{4}``), else read the way a
-    completion's answer is (a GSM8K solution text gives the number after its ``####``)."""
+    """The gold number: the reference itself when it is one (``72``, ``3/4``, ``\\frac{3}{4}``); in a solution text,
+    the answer it marks (GSM8K's ``#### N``, a ``\\boxed{}``), read the way a completion's is; else None: a gold
+    that cannot be read is not guessed at from its last number."""
     if isinstance(reference, Fraction):
         return reference
-    number = normalize_number(str(reference))
-    return number if number is not None else extract_answer(str(reference))
+    text = str(reference)
+    number = normalize_number(text)
+    if number is None and (_PATTERNS[0].search(text) or "\\boxed{" in text):
+        return extract_answer(text)
+    return number
 
 
 def is_correct(completion: str, reference: str | float | Fraction) -> bool:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from posttrain.evaluate.answers import extract_answer, is_correct
+from posttrain.evaluate.answers import extract_answer, is_correct, reference_answer
 
 
 def math_answer(prompts, completions, answer, **_) -> list[float | None]:
     """1 if the completion's final number (``#### N``, ``\\boxed{...}``, "answer is N", after the last ``=``, or
     the last number) equals the record's ``answer`` exactly (as fractions), else 0; None where no answer is given.
-    An ``answer`` that is not a number (a raw GSM8K solution ending in ``#### 72``) has its final answer read the
-    same way as the completion's."""
-    return [None if gold is None else float(is_correct(text, gold)) for text, gold in zip(completions, answer)]
+    An ``answer`` that is not a number but marks one (a raw GSM8K solution ending in ``#### 72``, a ``\\boxed{}``)
+    is read the same way as the completion; one that does not is None too (counted as failed, never a silent 0)."""
+    golds = [None if gold is None else reference_answer(gold) for gold in answer]
+    return [None if gold is None else float(is_correct(text, gold)) for text, gold in zip(completions, golds)]
 
 
 def format_reward(prompts, completions, pattern: str = r"(?s).*#### *-?[\d,.]+\s*$", **_) -> list[float]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import struct
@@ -82,14 +81,12 @@ _SYSTEM_LIBRARIES = ("/lib", "/lib32", "/lib64", "/libx32", "/usr/lib", "/usr/li
 
 def _interpreter_paths() -> list[str]:
     """Host paths the interpreter needs: the executable (and the venv it belongs to), the standard library, the
-    site-packages, libpython."""
+    site-packages, the library directory it was built with."""
     paths = [*_symlink_chain(sys.executable), os.path.dirname(os.__file__)]
     if sys.prefix != sys.base_prefix:
         paths.append(sys.prefix)  # the venv: pyvenv.cfg, bin/python, its site-packages
     paths += [sysconfig.get_path(name) for name in ("purelib", "platlib")]
-    library = sysconfig.get_config_var("LDLIBRARY")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and library:
-        paths.append(os.path.join(sysconfig.get_config_var("LIBDIR"), library))
+    paths.append(sysconfig.get_config_var("LIBDIR"))  # libpython, and a conda prefix's libssl, libffi, ...
     return [os.path.abspath(path) for path in paths if path and os.path.exists(path)]
 
 
@@ -121,46 +118,57 @@ def _binds() -> tuple[list[tuple[str, str]], list[str]]:
 
 # -- seccomp -------------------------------------------------------------------------------------------------------
 # syscall numbers: arch/x86/entry/syscalls/syscall_64.tbl and include/uapi/asm-generic/unistd.h (arm64)
-_DENIED = ("memfd_create", "memfd_secret", "shmget", "msgget", "mq_open", "keyctl", "add_key", "request_key",
-           "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd", "bpf", "perf_event_open", "ptrace",
-           "process_vm_readv", "process_vm_writev")
-_ARCHES = {  # machine: (AUDIT_ARCH_*, syscall numbers of _DENIED, first number of a foreign ABI or None)
-    "x86_64": (0xC000003E, (319, 447, 29, 68, 240, 250, 248, 249, 425, 426, 427, 323, 321, 298, 101, 310, 311),
-               0x40000000),
-    "aarch64": (0xC00000B7, (279, 447, 194, 186, 180, 219, 217, 218, 425, 426, 427, 282, 280, 241, 117, 270, 271),
-                None),
+_SYSCALLS = {
+    "x86_64": {"memfd_create": 319, "memfd_secret": 447, "shmget": 29, "semget": 64, "msgget": 68, "mq_open": 240,
+               "keyctl": 250, "add_key": 248, "request_key": 249, "io_uring_setup": 425, "io_uring_enter": 426,
+               "io_uring_register": 427, "userfaultfd": 323, "bpf": 321, "perf_event_open": 298, "ptrace": 101,
+               "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41},
+    "aarch64": {"memfd_create": 279, "memfd_secret": 447, "shmget": 194, "semget": 190, "msgget": 186, "mq_open": 180,
+                "keyctl": 219, "add_key": 217, "request_key": 218, "io_uring_setup": 425, "io_uring_enter": 426,
+                "io_uring_register": 427, "userfaultfd": 282, "bpf": 280, "perf_event_open": 241, "ptrace": 117,
+                "process_vm_readv": 270, "process_vm_writev": 271, "socket": 198},
 }
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_FOREIGN_ABI = {"x86_64": 0x40000000}  # x32 numbers; i386 calls carry another AUDIT_ARCH
+AF_VSOCK = 40  # host <-> guest sockets, which a network namespace does not cover on every kernel
 _ALLOW, _KILL, _EPERM = 0x7FFF0000, 0x80000000, 0x00050000 | 1
 _LOAD, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
 
 
 def seccomp_filter(machine: str | None = None) -> bytes:
-    """The classic-BPF program (``struct sock_filter[]``) bwrap loads: EPERM for ``_DENIED``, death for a foreign
-    architecture or ABI, everything else allowed (the namespaces and capabilities bound the rest)."""
+    """The classic-BPF program (``struct sock_filter[]``) bwrap loads: EPERM for every call of ``_SYSCALLS`` but
+    ``socket``, and for ``socket(AF_VSOCK, ...)``; death for a foreign architecture or ABI; the rest allowed (the
+    namespaces and the missing capabilities bound it)."""
     machine = machine or platform.machine()
-    if machine not in _ARCHES:
+    if machine not in _SYSCALLS:
         raise SandboxUnavailable(f"no seccomp filter for the {machine} architecture (x86_64 and aarch64 have one)")
-    arch, numbers, foreign = _ARCHES[machine]
-    program = [(_LOAD, 0, 0, 4), (_JEQ, 1, 0, arch), (_RET, 0, 0, _KILL), (_LOAD, 0, 0, 0)]  # seccomp_data.arch, .nr
-    if foreign is not None:
-        program += [(_JGE, 0, 1, foreign), (_RET, 0, 0, _KILL)]
-    for i, number in enumerate(numbers):  # jump to the EPERM return after the ALLOW one
-        program.append((_JEQ, len(numbers) - i, 0, number))
-    program += [(_RET, 0, 0, _ALLOW), (_RET, 0, 0, _EPERM)]
+    numbers = dict(_SYSCALLS[machine])
+    socket = numbers.pop("socket")
+    program = [(_LOAD, 0, 0, 4), (_JEQ, 1, 0, _AUDIT_ARCH[machine]), (_RET, 0, 0, _KILL), (_LOAD, 0, 0, 0)]
+    if machine in _FOREIGN_ABI:  # seccomp_data: nr at offset 0, arch at 4, args[0] at 16
+        program += [(_JGE, 0, 1, _FOREIGN_ABI[machine]), (_RET, 0, 0, _KILL)]
+    denied = list(numbers.values())
+    for i, number in enumerate(denied):  # to EPERM: past the rest of the list, the socket check and ALLOW
+        program.append((_JEQ, len(denied) - i - 1 + 4, 0, number))
+    program += [(_JEQ, 0, 2, socket), (_LOAD, 0, 0, 16), (_JEQ, 1, 0, AF_VSOCK), (_RET, 0, 0, _ALLOW),
+                (_RET, 0, 0, _EPERM)]
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
 # As root, bwrap runs as nobody, who cannot reach an interpreter under a 0700 home: a private mount namespace first
-# binds each path at a place nobody can traverse (/tmp/N in that namespace only), then drops to nobody.
+# binds each path at a place nobody can traverse (STAGE/N, on a tmpfs over an empty directory of ours, in that
+# namespace only), then drops to nobody.
 _STAGE = r"""
 set -e
-mount -t tmpfs -o mode=0755,size=1m posttrain-stage /tmp
+stage=$1
+shift
+mount -t tmpfs -o mode=0755,size=1m posttrain-stage "$stage"
 i=0
 while [ "$1" != "--" ]; do
   i=$((i + 1))
-  if [ -d "$1" ]; then mkdir "/tmp/$i"; else : > "/tmp/$i"; fi
-  mount --bind "$1" "/tmp/$i"
+  if [ -d "$1" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
+  mount --bind "$1" "$stage/$i"
   shift
 done
 shift
@@ -182,30 +190,31 @@ def _rlimits(limits: Limits) -> list[str]:
     return [str(v) for v in (limits.cpu_seconds, limits.memory_mb * mb, limits.processes, limits.file_mb * mb, 64, 0, 0)]
 
 
-def _command(limits: Limits, seccomp_fd: int, info_fd: int) -> list[str]:
+def _command(limits: Limits, seccomp_fd: int, info_fd: int, stage: str) -> list[str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable(f"bubblewrap is not installed: {INSTALL_HINT}")
     links, paths = _binds()
     as_root = os.geteuid() == 0
-    sources = [f"/tmp/{i + 1}" for i in range(len(paths))] if as_root else paths
-    command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--as-pid-1", "--new-session",
-               "--cap-drop", "ALL", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox",
-               "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd)]
-    for source, path in zip(sources, paths):
+    sources = [f"{stage}/{i + 1}" for i in range(len(paths))] if as_root else paths
+    command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--as-pid-1",
+               "--new-session", "--cap-drop", "ALL", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname",
+               "sandbox", "--seccomp", str(seccomp_fd), "--info-fd", str(info_fd),
+               "--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm",
+               "--remount-ro", "/dev", "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp"]
+    for source, path in zip(sources, paths):  # after /tmp: an interpreter under /tmp stays visible
         command += ["--ro-bind", source, path]
     for target, link in links:
         command += ["--symlink", target, link]
-    command += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_MB << 20), "--tmpfs", "/dev/shm",
-                "--remount-ro", "/dev", "--size", str(limits.tmp_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
-                "--remount-ro", "/", "--", os.path.abspath(sys.executable), "-I", "-S", "-c", _LAUNCH, *_rlimits(limits)]
+    command += ["--chdir", "/tmp", "--remount-ro", "/", "--", os.path.abspath(sys.executable), "-I", "-S", "-c",
+                _LAUNCH, *_rlimits(limits)]
     if not as_root:
         return command
     unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
     if unshare is None or setpriv is None:
         raise SandboxUnavailable("as root the sandbox needs util-linux's unshare and setpriv to drop to nobody")
     drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
-    return [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", _STAGE, "stage", *paths, "--",
+    return [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", _STAGE, "stage", stage, *paths, "--",
             *drop, *command]
 
 
@@ -213,10 +222,13 @@ def _spawn(code: bytes, limits: Limits, stdout, stderr) -> tuple[int | None, boo
     """Run one sandboxed program to its end or its wall time; (exit code, timed out)."""
     seccomp_read, seccomp_write = os.pipe()
     info_read, info_write = os.pipe()
+    stage = tempfile.mkdtemp(prefix="posttrain-stage-") if os.geteuid() == 0 else ""  # stays empty out here
     try:
+        if stage:
+            os.chmod(stage, 0o755)
         os.write(seccomp_write, seccomp_filter())
         os.close(seccomp_write)
-        process = subprocess.Popen(_command(limits, seccomp_read, info_write), env={}, stdin=subprocess.PIPE,
+        process = subprocess.Popen(_command(limits, seccomp_read, info_write, stage), env={}, stdin=subprocess.PIPE,
                                    stdout=stdout, stderr=stderr, pass_fds=(seccomp_read, info_write),
                                    start_new_session=True)
         os.close(info_write)
@@ -226,6 +238,8 @@ def _spawn(code: bytes, limits: Limits, stdout, stderr) -> tuple[int | None, boo
         for fd in (seccomp_read, info_read, info_write):
             if fd >= 0:
                 os.close(fd)
+        if stage:
+            os.rmdir(stage)
 
 
 def _wait(process: subprocess.Popen, code: bytes, seconds: float, kill) -> tuple[int | None, bool]:
@@ -300,18 +314,14 @@ def run_python(code: str, limits: Limits = Limits(), allow_unsandboxed: bool = F
 
 
 def _unsandboxed(code: bytes, limits: Limits, stdout, stderr) -> tuple[int | None, bool]:
-    """The opt-in fallback: the same limits (the process count on top of what this user runs), no isolation."""
-    values = [int(v) for v in _rlimits(limits)]
-    values[2] += _tasks_of(os.getuid())
-
-    def apply() -> None:
-        for name, value in zip(("CPU", "AS", "NPROC", "FSIZE", "NOFILE", "CORE"), values):
-            resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value))
-
+    """The opt-in fallback: the same launcher and limits (the process count on top of what this user runs, since
+    there is no user namespace of its own to count in), no isolation."""
+    rlimits = _rlimits(limits)
+    rlimits[2] = str(limits.processes + _tasks_of(os.getuid()))
     work = tempfile.mkdtemp(prefix="posttrain-sandbox-")
     try:
-        process = subprocess.Popen([sys.executable, "-I", "-"], cwd=work, env={}, stdin=subprocess.PIPE,
-                                   stdout=stdout, stderr=stderr, preexec_fn=apply, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCH, *rlimits], cwd=work, env={},
+                                   stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, start_new_session=True)
         return _wait(process, code, limits.wall_seconds,
                      lambda: (os.killpg(process.pid, signal.SIGKILL), process.wait()))
     finally:
