@@ -37,7 +37,7 @@ def test_twenty_lora_steps_lower_the_eval_loss(smollm_dir, tmp_path):
     summary = run_sft(smollm_dir, tmp_path, **{
         "data.train": str(GSM8K), "data.limit": 200, "data.eval": "pkg:assets/gsm8k_test_200.jsonl",
         "data.eval_limit": 16, "data.max_length": 256, "peft.method": "lora", "train.max_steps": 20,
-        "train.batch_size": 4, "train.lr": 5e-4, "train.warmup_steps": 2})
+        "train.batch_size": 2, "train.lr": 5e-4, "train.warmup_steps": 2})
     before, after = summary["eval"][0]["eval/loss"], summary["eval"][-1]["eval/loss"]
     print(f"eval loss {before:.4f} -> {after:.4f}")
     assert after < before - 0.05
