@@ -31,7 +31,7 @@ browser:
 	    { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 	  echo "note: chromium is not installed: the report's browser test will be skipped"
 
-# the code sandbox (rewards/sandbox.py) runs model-written code under bubblewrap (Debian package bubblewrap);
+# the code sandbox (core/sandbox.py) runs model-written code under bubblewrap (Debian package bubblewrap);
 # installed here when missing and this user may (CI), else the sandbox tests are skipped and code rewards refuse
 bubblewrap:
 	@command -v bwrap >/dev/null || \

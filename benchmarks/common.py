@@ -14,7 +14,8 @@ def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
-def main(script: str, doc: str, configs: dict, run_one: Callable[[str, int, int], dict], steps: int, batch_size: int) -> None:
+def main(script: str, doc: str, configs: dict, run_one: Callable[[str, int, int], dict], steps: int,
+         batch_size: int) -> None:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=list(configs), choices=list(configs))
     parser.add_argument("--steps", type=int, default=steps)

@@ -88,7 +88,7 @@ def peak_rss_gb() -> float:
 
 
 def model_path() -> str:
-    from posttrain.models import resolve_model
+    from posttrain.model.load import resolve_model
 
     return resolve_model("default")
 
@@ -139,7 +139,7 @@ def trl_lora():
 def posttrain_run(command: str, base: str | None, overrides: dict, record_batches: bool = False):
     """Run a posttrain command in this process; its metrics lines and, if asked, every collated training micro-batch's
     (step, sequence lengths, targets) in order."""
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     batches = []
@@ -167,7 +167,8 @@ def posttrain_run(command: str, base: str | None, overrides: dict, record_batche
 # --- SFT --------------------------------------------------------------------------------------------------------
 
 def sft_overrides(steps: int, lora: bool) -> dict:
-    peft = {"peft.method": "lora", "peft.r": LORA["r"], "peft.alpha": LORA["alpha"]} if lora else {"peft.method": "none"}
+    peft = {"peft.method": "lora", "peft.r": LORA["r"],
+            "peft.alpha": LORA["alpha"]} if lora else {"peft.method": "none"}
     return {"model": model_path(), "data.train": asset("gsm8k_train_1k.jsonl"), "data.limit": steps * SFT_BATCH,
             "data.max_length": SFT_MAX_LENGTH, "train.max_steps": steps, "train.batch_size": SFT_BATCH,
             "train.grad_accum": 1, "train.lr": 1e-5, "train.warmup_steps": 0, **peft}
@@ -225,7 +226,8 @@ def trl_sft(steps: int, lora: bool) -> dict:
             for r in records("gsm8k_train_1k.jsonl", steps * SFT_BATCH, gsm8k)]
     timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
-        config = SFTConfig(**trl_common(out, steps, 1e-5), per_device_train_batch_size=SFT_BATCH, gradient_accumulation_steps=1,
+        config = SFTConfig(**trl_common(out, steps, 1e-5), per_device_train_batch_size=SFT_BATCH,
+                           gradient_accumulation_steps=1,
                            max_length=None, padding_free=True, packing=False, completion_only_loss=True,
                            include_num_input_tokens_seen="non_padding", model_init_kwargs={"dtype": "float32"})
         trainer = SFTTrainer(model=model_path(), args=config, train_dataset=datasets.Dataset.from_list(rows),
@@ -238,7 +240,8 @@ def trl_sft(steps: int, lora: bool) -> dict:
 # --- DPO --------------------------------------------------------------------------------------------------------
 
 def posttrain_dpo(steps: int) -> dict:
-    overrides = {"model": model_path(), "data.train": asset("hh_harmless_train_1200.jsonl"), "data.limit": steps * DPO_BATCH,
+    overrides = {"model": model_path(), "data.train": asset("hh_harmless_train_1200.jsonl"),
+                 "data.limit": steps * DPO_BATCH,
                  "data.max_length": DPO_MAX_LENGTH, "train.max_steps": steps, "train.batch_size": DPO_BATCH,
                  "train.grad_accum": 1, "train.lr": 1e-5, "train.warmup_steps": 0, "peft.method": "lora",
                  "peft.r": LORA["r"], "peft.alpha": LORA["alpha"], "reference": "precomputed", "loss.beta": 0.1}
@@ -256,7 +259,8 @@ def trl_dpo(steps: int) -> dict:
     rows = records("hh_harmless_train_1200.jsonl", steps * DPO_BATCH, hh_rlhf)
     timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
-        config = DPOConfig(**trl_common(out, steps, 1e-5), per_device_train_batch_size=DPO_BATCH, gradient_accumulation_steps=1,
+        config = DPOConfig(**trl_common(out, steps, 1e-5), per_device_train_batch_size=DPO_BATCH,
+                           gradient_accumulation_steps=1,
                            max_length=DPO_MAX_LENGTH, beta=0.1, precompute_ref_log_probs=True,
                            precompute_ref_batch_size=DPO_BATCH, model_init_kwargs={"dtype": "float32"})
         trainer = DPOTrainer(model=model_path(), args=config, train_dataset=datasets.Dataset.from_list(rows),
@@ -328,7 +332,8 @@ def posttrain_generation(_: int) -> dict:
     model.model, model.tokenizer  # loading is not generation
     prompts = generation_prompts()
     start = time.perf_counter()
-    made = model.generate(prompts, SamplingSettings(max_new_tokens=GENERATION_NEW_TOKENS, temperature=0.0), progress=False)
+    made = model.generate(prompts, SamplingSettings(max_new_tokens=GENERATION_NEW_TOKENS, temperature=0.0),
+                          progress=False)
     seconds = time.perf_counter() - start
     return {"throughput": sum(g[0].tokens for g in made) / seconds, "seconds": seconds}
 
@@ -347,7 +352,8 @@ def transformers_generation(_: int) -> dict:
         for first in range(0, len(texts), GENERATION_BATCH):
             enc = tokenizer(texts[first : first + GENERATION_BATCH], return_tensors="pt", padding=True,
                             add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=GENERATION_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(**enc, max_new_tokens=GENERATION_NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
             for row in out[:, enc["input_ids"].shape[1] :].tolist():
                 tokens += row.index(eos) + 1 if eos in row else len(row)
     seconds = time.perf_counter() - start
@@ -401,7 +407,8 @@ def summarize(workload: str, runs: dict[str, list[dict]]) -> dict:
         line["posttrain_set"] = json.loads(os.environ["POSTTRAIN_BENCH_SET"])
     for key in ("s_per_step", "completion_tokens_per_step"):
         if median("posttrain", key) is not None:
-            line[f"posttrain_{key}"], line[f"{baseline}_{key}"] = round(median("posttrain", key), 3), median("baseline", key)
+            line[f"posttrain_{key}"], line[f"{baseline}_{key}"] = round(median("posttrain", key),
+                                                                        3), median("baseline", key)
     if median("posttrain", "model_flops_per_s"):
         mfu = [r["model_flops_per_s"] / r["matmul_peak_flops_per_s"] for r in runs["posttrain"]]
         line["mfu"] = round(statistics.median(mfu), 3)
@@ -420,7 +427,8 @@ def table(lines: list[dict]) -> str:
         extra = f" (MFU {line['mfu']:.0%})" if "mfu" in line else ""
         rows.append(f"| {line['workload']} | {line['posttrain']:.3g} {line['unit']}{extra} | {line[base]:.3g} "
                     f"({'TRL 1.16' if base == 'trl' else 'transformers generate'}) | {line['speedup']:.2f}x | "
-                    f"{line['posttrain_peak_rss_gb']:.2f} / {line[base + '_peak_rss_gb']:.2f} GB | {line['memory_ratio']:.2f} |")
+                    f"{line['posttrain_peak_rss_gb']:.2f} / {line[base + '_peak_rss_gb']:.2f} GB | "
+                    f"{line['memory_ratio']:.2f} |")
     return "\n".join(rows)
 
 

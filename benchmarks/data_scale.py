@@ -41,8 +41,8 @@ def write_file(path: Path, records: int) -> None:
 
 def phase(args) -> None:
     """One build in this process (run by the parent in a fresh interpreter)."""
-    from posttrain.config import load_recipe
-    from posttrain.models import load_tokenizer, resolve_model
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.model.load import load_tokenizer, resolve_model
     from posttrain.train.tasks.sft import SFTTask
 
     path = resolve_model("default")  # converted by the parent already
@@ -94,7 +94,7 @@ def main() -> None:
     if (cache / "examples").exists():
         subprocess.run(["rm", "-rf", str(cache / "examples")], check=True)
     os.environ["POSTTRAIN_CACHE"] = str(cache)
-    from posttrain.models import resolve_model
+    from posttrain.model.load import resolve_model
 
     resolve_model("default")  # the GGUF conversion, once, outside the measured processes
     env = dict(os.environ)

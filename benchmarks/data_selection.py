@@ -109,7 +109,7 @@ def evaluate(model: str, out: Path, path: Path, questions: int) -> dict:
     """Per-example loss and accuracy of one model, kept on disk (``path``) for pairing."""
     if path.exists():
         return json.loads(path.read_text())
-    from posttrain.config import EvalOptions
+    from posttrain.evaluate.config import EvalOptions
     from posttrain.evaluate.model import EvalModel
     from posttrain.evaluate.tasks import EVAL_TASKS, EvalContext
 
@@ -138,7 +138,8 @@ def summarize(method: str, result: dict, random: dict | None, selection: dict) -
 
 
 def cell(estimate: dict, scale: float = 1.0, digits: int = 3) -> str:
-    return f"{estimate['value'] * scale:.{digits}f} ({estimate['low'] * scale:.{digits}f} to {estimate['high'] * scale:.{digits}f})"
+    value, low, high = (estimate[k] * scale for k in ("value", "low", "high"))
+    return f"{value:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
 
 
 def table(rows: list[dict]) -> str:

@@ -26,13 +26,14 @@ CONFIGS = {
 
 
 def run_one(name: str, steps: int, batch_size: int) -> dict:
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     with tempfile.TemporaryDirectory() as out:
         overrides = {"output_dir": out, "data.train": "pkg:assets/hh_harmless_train_1200.jsonl",
                      "data.limit": steps * batch_size, "data.eval": "null", "train.max_steps": steps,
-                     "train.batch_size": batch_size, "train.lr": 1e-5, "train.report_to": "[]", "train.save_every": "null",
+                     "train.batch_size": batch_size, "train.lr": 1e-5, "train.report_to": "[]",
+                     "train.save_every": "null",
                      **CONFIGS[name]}
         recipe = load_recipe("dpo", "dpo_hh", [f"{k}={v}" for k, v in overrides.items()])
         started = time.perf_counter()

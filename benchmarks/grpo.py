@@ -37,12 +37,13 @@ def cpu_name() -> str:
 def run_one(name: str, steps: int, batch_size: int) -> dict:
     import torch
 
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     with tempfile.TemporaryDirectory() as out:
         overrides = {"output_dir": out, "data.eval": "null", "train.max_steps": steps, "train.batch_size": batch_size,
-                     "train.grad_accum": 1, "train.report_to": "[]", "train.save_every": "null", "train.eval_every": "null",
+                     "train.grad_accum": 1, "train.report_to": "[]", "train.save_every": "null",
+                     "train.eval_every": "null",
                      "rl.reward_workers": 1, **CONFIGS[name]}
         recipe = load_recipe("grpo", "grpo_arithmetic", [f"{k}={v}" for k, v in overrides.items()])
         started = time.perf_counter()

@@ -46,7 +46,7 @@ def load(path: Path, limit: int) -> list[dict]:
 
 
 def best_of_n_curve(args) -> list[dict]:
-    from posttrain.cli import load_for_inference
+    from posttrain.apps.infer import load_for_inference
     from posttrain.infer import best_of_n, sample_n
     from posttrain.rewards.model import RewardModel
     from posttrain.rollout.generate import generate
@@ -64,7 +64,8 @@ def best_of_n_curve(args) -> list[dict]:
     rows = [{"method": "greedy", "n": 1, "completions": greedy, "scores": reward(prompts, greedy)}]
     for n in sorted({1, *[k for k in (4, 16) if k <= args.n], args.n}):
         kept = best_of_n(candidates, scores, n)
-        rows.append({"method": "best_of_n", "n": n, "completions": [t for _, t, _ in kept], "scores": [s for _, _, s in kept]})
+        rows.append({"method": "best_of_n", "n": n, "completions": [t for _, t, _ in kept],
+                     "scores": [s for _, _, s in kept]})
     out = []
     one = next(row["scores"] for row in rows if row["method"] == "best_of_n" and row["n"] == 1)
     for row in rows:
@@ -72,7 +73,8 @@ def best_of_n_curve(args) -> list[dict]:
         gain, gain_low, gain_high = mean_interval([a - b for a, b in zip(row["scores"], one)])
         out.append({"workload": "best_of_n", "method": row["method"], "n": row["n"], "prompts": len(prompts),
                     "reward_mean": mean, "ci95": [low, high], "gain_over_one_sample": gain,
-                    "gain_ci95": [gain_low, gain_high], "chars_mean": statistics.fmean(len(c) for c in row["completions"])})
+                    "gain_ci95": [gain_low, gain_high],
+                    "chars_mean": statistics.fmean(len(c) for c in row["completions"])})
     print(f"\nbest-of-N on {len(prompts)} held-out HH-RLHF harmless prompts; policy {args.policy}, reward model "
           f"{args.reward}; samples at T={args.temperature}, {args.max_new_tokens} new tokens; "
           f"{time.perf_counter() - started:.0f} s on {cpu_name()}\n")
@@ -80,14 +82,15 @@ def best_of_n_curve(args) -> list[dict]:
           "|---|---|---|---|---|")
     for r in out:
         print(f"| {r['method']} | {r['n']} | {r['reward_mean']:.3f} ({r['ci95'][0]:.3f} to {r['ci95'][1]:.3f}) | "
-              f"{r['gain_over_one_sample']:+.3f} ({r['gain_ci95'][0]:+.3f} to {r['gain_ci95'][1]:+.3f}) | {r['chars_mean']:.0f} |")
+              f"{r['gain_over_one_sample']:+.3f} ({r['gain_ci95'][0]:+.3f} to {r['gain_ci95'][1]:+.3f}) | "
+              f"{r['chars_mean']:.0f} |")
     return out
 
 
 def vote_curve(args) -> list[dict]:
-    from posttrain.cli import load_for_inference
+    from posttrain.apps.infer import load_for_inference
     from posttrain.evaluate.stats import wilson_interval
-    from posttrain.evaluate.answers import is_correct
+    from posttrain.rewards.answers import is_correct
     from posttrain.infer import majority_vote, sample_n
     from posttrain.rollout.generate import generate
 
@@ -115,8 +118,10 @@ def vote_curve(args) -> list[dict]:
                     "accuracy": sum(right) / len(right), "ci95": [low, high],
                     "gain_over_one_sample": gain, "gain_ci95": [gain_low, gain_high], "per_question": right})
     print(f"\nmajority vote on {len(prompts)} held-out arithmetic problems; policy {args.policy}; samples at "
-          f"T={args.temperature}, {args.max_new_tokens} new tokens; {time.perf_counter() - started:.0f} s on {cpu_name()}\n")
-    print("| method | N | accuracy (95% CI) | correct / n | paired gain over one sample (95% CI) |\n|---|---|---|---|---|")
+          f"T={args.temperature}, {args.max_new_tokens} new tokens; {time.perf_counter() - started:.0f} s on "
+          f"{cpu_name()}\n")
+    print("| method | N | accuracy (95% CI) | correct / n | paired gain over one sample (95% CI) "
+          "|\n|---|---|---|---|---|")
     for r in out:
         print(f"| {r['method']} | {r['n']} | {r['accuracy']:.1%} ({r['ci95'][0]:.1%} to {r['ci95'][1]:.1%}) | "
               f"{r['correct']}/{r['questions']} | {r['gain_over_one_sample']:+.1%} ({r['gain_ci95'][0]:+.1%} to "

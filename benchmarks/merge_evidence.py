@@ -51,7 +51,7 @@ def score(model: str, limit: int, reference, batch_size: int) -> dict:
     from posttrain.evaluate.accuracy import answer_accuracy, load_answer_records
     from posttrain.evaluate.stats import wilson_interval
     from posttrain.evaluate.heldout import heldout_loss, pair_logprobs, preference_accuracy
-    from posttrain.models import load_model, load_tokenizer, resolve_model
+    from posttrain.model.load import load_model, load_tokenizer, resolve_model
 
     started = time.time()
     loss = heldout_loss(model, GSM8K, limit)
@@ -78,7 +78,7 @@ def row(name: str, s: dict) -> str:
 
 def main() -> None:
     from posttrain.evaluate.heldout import pair_logprobs
-    from posttrain.merge.run import MergeRecipe, run_merge
+    from posttrain.apps.merge.run import MergeRecipe, run_merge
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft", required=True, help="the SFT run (quickstart)")

@@ -21,7 +21,7 @@ import torch
 
 
 def reward_model_right(task, examples, model) -> list[bool]:
-    from posttrain.train.forward import HeadOutputs
+    from posttrain.model.forward import HeadOutputs
 
     task.setup(model, None, [], [])
     module = HeadOutputs(model, task.weighting).eval()
@@ -35,9 +35,9 @@ def reward_model_right(task, examples, model) -> list[bool]:
 
 def sequence_logps(task, pairs, spec: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """(summed log-probs, completion lengths) of (chosen, rejected) per pair."""
-    from posttrain.models import load_model
-    from posttrain.train.forward import TargetLogprobs
-    from posttrain.train.tasks.preference import sequence_stats
+    from posttrain.model.load import load_model
+    from posttrain.model.forward import TargetLogprobs
+    from posttrain.model.forward import sequence_stats
 
     module = TargetLogprobs(load_model(spec).eval())
     logps, lengths = [], []
@@ -54,9 +54,9 @@ def sequence_logps(task, pairs, spec: str) -> tuple[list[tuple[float, float]], l
 def main() -> None:
     from accelerate.utils import set_seed
 
-    from posttrain.config import load_recipe, validate_recipe
+    from posttrain.apps.recipes import load_recipe, validate_recipe
     from posttrain.evaluate.stats import wilson_interval
-    from posttrain.models import load_classifier, load_tokenizer, resolve_model
+    from posttrain.model.load import load_classifier, load_tokenizer, resolve_model
     from posttrain.train.tasks.preference import PreferenceTask
     from posttrain.train.tasks.reward_model import RewardModelTask
 

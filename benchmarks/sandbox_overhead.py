@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from posttrain.rewards.sandbox import run_python, unavailable_reason
+from posttrain.core.sandbox import run_python, unavailable_reason
 
 
 def median_ms(runs: int, program) -> float:

@@ -24,7 +24,7 @@ CONFIGS = {
 
 
 def run_one(name: str, steps: int, batch_size: int) -> dict:
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     with tempfile.TemporaryDirectory() as out:

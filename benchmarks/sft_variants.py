@@ -35,11 +35,11 @@ VARIANTS = {
 
 
 def run_one(name: str) -> dict:
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.evaluate.accuracy import answer_accuracy, load_answer_records
     from posttrain.evaluate.stats import wilson_interval
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.quickstart import HELD_OUT, MAX_NEW_TOKENS
+    from posttrain.model.load import load_model, load_tokenizer
+    from posttrain.apps.quickstart import HELD_OUT, MAX_NEW_TOKENS
     from posttrain.train.run import run
 
     out = ROOT / name
@@ -47,11 +47,13 @@ def run_one(name: str) -> dict:
     overrides = {"output_dir": str(out), "data.limit": 240, "train.report_to": "[]", **VARIANTS[name]}
     summary = run("sft", load_recipe("sft", "quickstart", [f"{k}={v}" for k, v in overrides.items()]))
     records = load_answer_records(HELD_OUT, QUESTIONS)
-    scored = answer_accuracy(load_model(str(out / "final")), load_tokenizer(str(out / "final")), records, MAX_NEW_TOKENS,
+    scored = answer_accuracy(load_model(str(out / "final")), load_tokenizer(str(out / "final")), records,
+                             MAX_NEW_TOKENS,
                              batch_size=len(records))
     low, high = wilson_interval(scored["correct"], scored["total"])
     evals = summary["eval"]
-    return {"variant": name, "eval_loss_before": round(evals[0]["eval/loss"], 4), "eval_loss_after": round(evals[-1]["eval/loss"], 4),
+    return {"variant": name, "eval_loss_before": round(evals[0]["eval/loss"], 4),
+            "eval_loss_after": round(evals[-1]["eval/loss"], 4),
             "correct": scored["correct"], "n": scored["total"], "accuracy": round(scored["accuracy"], 4),
             "ci95": [round(low, 4), round(high, 4)], "train_s": round(summary["elapsed_s"])}
 

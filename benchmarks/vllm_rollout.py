@@ -24,10 +24,10 @@ import torch
 
 from posttrain.data.batching import collate
 from posttrain.data.tokenize import TokenizedExample
-from posttrain.models import load_model, load_tokenizer, resolve_model
+from posttrain.model.load import load_model, load_tokenizer, resolve_model
 from posttrain.rollout.backend import SamplingSettings, TransformersBackend
 from posttrain.rollout.vllm_client import VLLMBackend
-from posttrain.train.forward import TargetLogprobs
+from posttrain.model.forward import TargetLogprobs
 
 
 def timed(backend, prompts, settings, seeds):
@@ -47,9 +47,11 @@ def main() -> None:
     tokenizer, model = load_tokenizer(path), load_model(path)
     records = [json.loads(line) for line in (resources.files("posttrain") / "assets" / "arithmetic_eval_200.jsonl")
                .read_text().splitlines()][: args.prompts]
-    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                  add_generation_prompt=True,
                                                   tokenize=True)["input_ids"]) for r in records]
-    served, local = VLLMBackend(model, tokenizer, args.url, "/tmp/vllm-bench"), TransformersBackend(model, tokenizer, 64)
+    served, local = VLLMBackend(model, tokenizer, args.url, "/tmp/vllm-bench"), TransformersBackend(model, tokenizer,
+                                                                                                    64)
     greedy, zeros = SamplingSettings(args.new_tokens, 0.0), [0] * len(prompts)
     served.generate(prompts, zeros, greedy)  # pushes the weights once
     vllm_out, vllm_speed = timed(served, prompts, greedy, zeros)
@@ -62,7 +64,9 @@ def main() -> None:
     after = served.generate(prompts, zeros, greedy)
     hf_after = local.generate(prompts, zeros, greedy)
     same = [a.token_ids == b.token_ids for a, b in zip(after, hf_after)]
-    logp_gap = max((max(abs(x - y) for x, y in zip(a.sampler_logps, b.sampler_logps)) for a, b, s in zip(after, hf_after, same) if s),
+    logp_gap = max((max(abs(x - y) for x, y in zip(a.sampler_logps, b.sampler_logps)) for a, b, s in zip(after,
+                                                                                                         hf_after,
+                                                                                                         same) if s),
                    default=float("nan"))
     sampled = served.generate(prompts, list(range(len(prompts))), SamplingSettings(args.new_tokens, 0.7))
     examples = []
@@ -77,7 +81,8 @@ def main() -> None:
     sampler = torch.tensor([x for c in sampled for x in c.sampler_logps], dtype=torch.float64)
     print(json.dumps({"prompts": len(prompts), "new_tokens": args.new_tokens, "vllm_tokens_per_s": vllm_speed,
                       "transformers_tokens_per_s": hf_speed, "speedup": vllm_speed / hf_speed,
-                      "greedy_identical_before_update": sum(a.token_ids == b.token_ids for a, b in zip(vllm_out, hf_out)),
+                      "greedy_identical_before_update": sum(a.token_ids == b.token_ids for a, b in zip(vllm_out,
+                                                                                                       hf_out)),
                       "greedy_identical_after_update": sum(same),
                       "greedy_identical_to_old_weights": sum(a.token_ids == b.token_ids for a, b in zip(after, hf_out)),
                       "max_logp_gap_greedy": logp_gap,

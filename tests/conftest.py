@@ -26,7 +26,9 @@ def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [json.loads(line)["question"] + " " + json.loads(line)["answer"] for line in GSM8K.read_text().splitlines()[:300]]
+    texts = [
+        json.loads(line)["question"] + " " + json.loads(line)["answer"] for line in GSM8K.read_text().splitlines()[:300]
+    ]
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -62,7 +64,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 

@@ -16,7 +16,7 @@ def accelerate_env(config_file: str, processes: int) -> dict[str, str]:
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", config_file, "--num_processes", str(processes),
-                                               "-m", "posttrain.cli"])
+                                               "-m", "posttrain.apps.cli"])
     args, _, _ = _validate_launch_command(args)
     return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_USE_"))}
 
@@ -29,7 +29,7 @@ if __name__ == "__main__":
 
     PartialState(cpu=True)
     PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # the gate: FSDP for GPU-like groups
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     sys.argv = ["posttrain", *argv]
     sys.exit(main())

@@ -38,7 +38,7 @@ def reset_accelerate() -> None:
 
 
 def run_command(command: str, model_dir: Path, out: Path, **overrides) -> dict:
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     reset_accelerate()
@@ -52,7 +52,9 @@ def metrics(out: Path, name: str = "metrics.jsonl") -> list[dict]:
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     final = Path(out) / "final"
-    file = final / ("adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors")
+    file = final / (
+        "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    )
     return load_file(file)
 
 

@@ -24,13 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SECRET = "hunter2-posttrain-probe"
-_SOURCE = Path(__file__).resolve().parents[1] / "src" / "posttrain" / "rewards" / "sandbox.py"
+_SOURCE = Path(__file__).resolve().parents[1] / "src" / "posttrain" / "core" / "sandbox.py"
 
 
 def load_sandbox():
-    """posttrain.rewards.sandbox without importing the package (which needs torch)."""
-    if "posttrain.rewards.sandbox" in sys.modules:
-        return sys.modules["posttrain.rewards.sandbox"]
+    """posttrain.core.sandbox without importing the package (which needs torch)."""
+    if "posttrain.core.sandbox" in sys.modules:
+        return sys.modules["posttrain.core.sandbox"]
     spec = importlib.util.spec_from_file_location("posttrain_sandbox_probe", _SOURCE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

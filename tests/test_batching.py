@@ -8,7 +8,7 @@ from conftest import build_model
 from posttrain.data.batching import collate, pack_rows
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.objectives import sft_loss
-from posttrain.train.forward import TargetLogprobs, batch_logprobs
+from posttrain.model.forward import TargetLogprobs, batch_logprobs
 
 
 def examples(lengths, vocab=300, seed=0):
@@ -73,10 +73,10 @@ def test_targets_point_at_the_predicting_position():
     assert batch.target_weights.tolist() == [1.0, 2.0]
 
 
-# -- per-sequence attention (ops/attention.py) ------------------------------------------------------------------
+# -- per-sequence attention (model/attention.py) ------------------------------------------------------------------
 
 def per_sequence_model(config=None):
-    from posttrain.ops.attention import use_segment_attention
+    from posttrain.model.attention import use_segment_attention
 
     model = (build_model(300) if config is None else model_from(config)).double()
     assert use_segment_attention(model)

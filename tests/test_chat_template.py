@@ -36,7 +36,7 @@ def private_cache(tmp_path, monkeypatch):
 
 def test_rollouts_recipe_evals_and_the_saved_model_use_the_recipes_template(tiny_model_dir, tmp_path, rendered):
     from posttrain.evaluate.model import EvalModel
-    from posttrain.models import load_tokenizer, resolve_model
+    from posttrain.model.load import load_tokenizer, resolve_model
     from posttrain.rollout.backend import SamplingSettings
     from posttrain.rollout.generate import render_prompt
 
@@ -62,7 +62,7 @@ def test_rollouts_recipe_evals_and_the_saved_model_use_the_recipes_template(tiny
 
 def test_a_preset_name_is_saved_as_its_template(tiny_model_dir, tmp_path):
     from posttrain.data.tokenize import CHATML
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
 
     run_command("sft", tiny_model_dir, tmp_path, **{"data.limit": 8, "data.chat_template": "chatml",
                                                     "train.max_steps": 1})

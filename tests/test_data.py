@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 
 from conftest import write_jsonl
-from posttrain.config import DataSource
+from posttrain.data.config import DataSource
 from posttrain.data.adapters import gsm8k, hh_rlhf
 from posttrain.data.formats import parse_sft
 from posttrain.data.load import load_sources
 from posttrain.data.tokenize import ChatFormatter, tokenize_sft
-from posttrain.errors import DataError
+from posttrain.core.errors import DataError
 
 CONVERSATION = {"messages": [
     {"role": "user", "content": "What is 2+3?"},
@@ -230,7 +230,8 @@ def test_every_validator_raises_only_its_own_error_on_random_json():
                lambda p, w, r: parse_rated(p, w, r, ["helpful", "safe"]),
                lambda p, w, r: examples_of(detect_format(r), p, w, r)]
 
-    @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None, derandomize=not os.environ.get("FUZZ_EXAMPLES"), suppress_health_check=list(HealthCheck))
+    @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None,
+              derandomize=not os.environ.get("FUZZ_EXAMPLES"), suppress_health_check=list(HealthCheck))
     @given(records())
     def check(record):
         for parse in parsers:
@@ -312,7 +313,8 @@ def test_pairs_given_as_whole_transcripts_share_their_prompt_and_an_empty_reply_
     from posttrain.data.formats import parse_preference
     from posttrain.data.tokenize import tokenize_sft
 
-    user = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "first"}, {"role": "user", "content": "and?"}]
+    user = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "and?"}]
     pair = parse_preference("f", "line 1", {"chosen": user + [{"role": "assistant", "content": ""}],
                                             "rejected": user + [{"role": "assistant", "content": "no"}]})
     assert [m.weight for m in pair.chosen.messages] == [0.0, 0.0, 0.0, 1.0]  # the earlier reply is prompt, untrained

@@ -18,7 +18,7 @@ def private_cache(tmp_path, monkeypatch):
 def test_inspect_counts_truncation_as_training_would(tiny_model_dir, tiny_tokenizer, tmp_path):
     from helpers import reset_accelerate
 
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.data.inspect import inspect_file
     from posttrain.train.tasks.sft import SFTTask
 
@@ -37,7 +37,7 @@ def test_inspect_counts_truncation_as_training_would(tiny_model_dir, tiny_tokeni
 
 
 def test_inspect_reports_every_bad_record_and_duplicates(tiny_tokenizer, tmp_path, capsys):
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     good = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
     path = tmp_path / "pairs.jsonl"
@@ -65,16 +65,18 @@ def test_inspect_reports_every_bad_record_and_duplicates(tiny_tokenizer, tmp_pat
 def test_inspect_lengths_of_a_pair_are_the_longer_side(tiny_tokenizer, tmp_path):
     from posttrain.data.formats import parse_preference
     from posttrain.data.inspect import inspect_file
-    from posttrain.config import DataConfig
+    from posttrain.data.config import DataConfig
     from posttrain.data.tokenize import ExampleTokenizer
 
-    record = {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "It is four, of course, as everyone knows."}
+    record = {"prompt": "What is two plus two?", "chosen": "Four.",
+              "rejected": "It is four, of course, as everyone knows."}
     path = write_jsonl(tmp_path / "p.jsonl", [record])
     report = inspect_file(str(path), tiny_tokenizer, max_length=1024)
     pair = parse_preference(str(path), "line 1", record)
     tokenize = ExampleTokenizer(tiny_tokenizer, DataConfig(train="x", max_length=10**9))
     chosen, rejected = tokenize(pair.chosen), tokenize(pair.rejected)
-    assert report["lengths"]["total"]["max"] == max(len(chosen.input_ids), len(rejected.input_ids)) == len(rejected.input_ids)
+    assert report["lengths"]["total"]["max"] == max(len(chosen.input_ids),
+                                                    len(rejected.input_ids)) == len(rejected.input_ids)
     assert report["lengths"]["chosen"]["max"] == int((chosen.weights > 0).sum())
     assert report["lengths"]["prompt"]["max"] == len(chosen.input_ids) - int((chosen.weights > 0).sum())
 
@@ -99,7 +101,7 @@ def test_convert_pairs_to_unpaired_and_back_is_the_identity(tmp_path):
 
 
 def test_convert_rankings_unpaired_and_conversations(tmp_path, capsys):
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
     from posttrain.data.convert import convert_file
 
     ranked = write_jsonl(tmp_path / "r.jsonl", [
@@ -140,16 +142,22 @@ def test_convert_rankings_unpaired_and_conversations(tmp_path, capsys):
 
 # -- select -------------------------------------------------------------------------------------------------------
 def candidates_of(texts):
-    from posttrain.data.select import Candidate
+    from posttrain.apps.select import Candidate
 
-    return [Candidate(f"line {i + 1}", {"prompt": p, "completion": c}, p, c, len(c.split())) for i, (p, c) in enumerate(texts)]
+    return [
+        Candidate(f"line {i + 1}", {"prompt": p, "completion": c}, p, c, len(c.split()))
+        for i, (p, c) in enumerate(texts)
+    ]
 
 
 def test_duplicate_filters_exact_and_near():
-    from posttrain.data.select import exact_duplicates, near_duplicates
+    from posttrain.apps.select import exact_duplicates, near_duplicates
 
-    story = "the quick brown fox jumps over the lazy dog while the farmer counts forty two sheep in the green field today"
-    cands = candidates_of([("Tell me", story), ("tell  ME", story.upper()), ("Tell me", story.replace("forty", "fifty")),
+    story = (
+        "the quick brown fox jumps over the lazy dog while the farmer counts forty two sheep in the green field today"
+    )
+    cands = candidates_of([("Tell me", story), ("tell  ME", story.upper()),
+                           ("Tell me", story.replace("forty", "fifty")),
                            ("Other", "an entirely different answer about arithmetic and the price of eggs at market")])
     assert exact_duplicates(cands) == {1}
     assert near_duplicates([cands[i] for i in (0, 2, 3)], threshold=0.5) == {1}  # one word of 21 changed
@@ -159,22 +167,23 @@ def test_unconditioned_reply_loss_by_a_direct_forward(tiny_model_dir, tiny_token
     """IFD's denominator: the reply as plain text, EOS included (as SFT trains it), every token after the first."""
     import torch
 
-    from posttrain.data.select import completion_nll
-    from posttrain.models import load_model
+    from posttrain.apps.select import completion_nll
+    from posttrain.model.load import load_model
 
     model = load_model(str(tiny_model_dir)).double().eval()
     text = "Natalia sold 48 clips in April and half as many in May: 72 in all."
     ids = torch.tensor([tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]])
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])
-    assert completion_nll(model, tiny_tokenizer, [{"text": text}], 1024)[0] == pytest.approx(float(-logps.mean()), rel=1e-6)
+    assert completion_nll(model, tiny_tokenizer, [{"text": text}], 1024)[0] == pytest.approx(float(-logps.mean()),
+                                                                                             rel=1e-6)
 
 
 def test_scores_are_cached_per_scorer_and_reused_across_methods(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
-    from posttrain.data import select
+    from posttrain.apps import select
     from posttrain.evaluate import heldout
     from posttrain.evaluate.model import KeyedCache, fingerprint
-    from posttrain.models import load_model
+    from posttrain.model.load import load_model
 
     model = load_model(str(tiny_model_dir)).eval()
     records = [{"prompt": f"What is {i} + 1?", "completion": f"It is {i + 1}."} for i in range(5)]
@@ -184,9 +193,11 @@ def test_scores_are_cached_per_scorer_and_reused_across_methods(tiny_model_dir, 
     real = heldout.example_losses
     monkeypatch.setattr(heldout, "example_losses", lambda m, task, examples: scored.append(len(examples)) or
                         real(m, task, examples))
-    again = select.completion_nll(model, tiny_tokenizer, records, 1024, KeyedCache("scores", fingerprint(str(tiny_model_dir))))
+    again = select.completion_nll(model, tiny_tokenizer, records, 1024,
+                                  KeyedCache("scores", fingerprint(str(tiny_model_dir))))
     assert again[:3].tolist() == first.tolist() and scored == [2]  # only records 3 and 4 were scored
-    assert again[3:].tolist() == pytest.approx(select.completion_nll(model, tiny_tokenizer, records[3:], 1024).tolist(), rel=1e-6)
+    assert again[3:].tolist() == pytest.approx(select.completion_nll(model, tiny_tokenizer, records[3:],
+                                                                     1024).tolist(), rel=1e-6)
     gsm8k = {"question": "What is 0 + 1?", "answer": "It is <<0+1=1>>1.\n#### 1"}  # another layout, other tokens
     plain = {"prompt": [{"role": "user", "content": "What is 0 + 1?"}],  # the same example as the adapted one
              "completion": [{"role": "assistant", "content": "It is 1.\n#### 1"}]}
@@ -198,10 +209,11 @@ def test_scores_are_cached_per_scorer_and_reused_across_methods(tiny_model_dir, 
 def test_zip_fit_and_kcenter_by_hand():
     import gzip
 
-    from posttrain.data.select import kcenter_greedy, zip_fit_scores
+    from posttrain.apps.select import kcenter_greedy, zip_fit_scores
 
     target = "How many apples does Tom have if he buys 3 bags of 4 apples? He has 12 apples. #### 12"
-    cands = candidates_of([("How many apples does Tom have if he buys 3 bags of 4 apples?", "He has 12 apples. #### 12"),
+    cands = candidates_of([("How many apples does Tom have if he buys 3 bags of 4 apples?",
+                            "He has 12 apples. #### 12"),
                            ("Write a haiku", "Autumn moonlight, a worm digs silently into the chestnut")])
     scores = zip_fit_scores(cands, [target])
     size = lambda s: len(gzip.compress(s.encode(), compresslevel=9))  # noqa: E731
@@ -214,7 +226,7 @@ def test_zip_fit_and_kcenter_by_hand():
 
 
 def test_cli_select_keeps_the_budget_as_read_and_reports_every_record(tiny_model_dir, tmp_path, capsys):
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     out, report = tmp_path / "kept.jsonl", tmp_path / "scores.jsonl"
     args = ["data", "select", str(GSM8K), "--limit", "40", "--budget", "7", "--model", str(tiny_model_dir),
@@ -239,8 +251,8 @@ def test_cli_select_keeps_the_budget_as_read_and_reports_every_record(tiny_model
 def test_deita_scores_are_expectations_over_1_to_6_and_the_filter_skips_near_copies(tiny_model_dir, tiny_tokenizer):
     import torch
 
-    from posttrain.data.select import DEITA_COMPLEXITY, deita_scores, diverse_in_order
-    from posttrain.models import load_model
+    from posttrain.apps.select import DEITA_COMPLEXITY, deita_scores, diverse_in_order
+    from posttrain.model.load import load_model
 
     model = load_model(str(tiny_model_dir)).double().eval()
     cands = candidates_of([("Prove Fermat's last theorem.", "It is long."), ("What is 2 + 2?", "4")])  # longest first
@@ -259,9 +271,9 @@ def test_deita_scores_are_expectations_over_1_to_6_and_the_filter_skips_near_cop
 
 
 def test_grape_keeps_the_response_the_model_finds_most_likely(tiny_model_dir, tmp_path):
-    from posttrain.data.select import completion_nll
+    from posttrain.apps.select import completion_nll
     from posttrain.evaluate.model import EvalModel
-    from posttrain.data.select import select_file
+    from posttrain.apps.select import select_file
 
     records = [{"prompt": "Add 2 and 3.", "responses": ["5", "The sum of 2 and 3 is 5.", "zzzz qqq"], "id": 1},
                {"prompt": "Name a colour.", "responses": ["Blue.", "A colour: red"], "id": 2}]
@@ -279,7 +291,7 @@ def test_grape_keeps_the_response_the_model_finds_most_likely(tiny_model_dir, tm
 
 # -- synth --------------------------------------------------------------------------------------------------------
 def test_magpie_asks_with_the_template_up_to_the_user_turn(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    from posttrain.data import synth
+    from posttrain.apps import synth
     from posttrain.rollout import backend
     from posttrain.rollout.backend import Completion, SamplingSettings
 
@@ -296,13 +308,14 @@ def test_magpie_asks_with_the_template_up_to_the_user_turn(tiny_model_dir, tiny_
     records, dropped = synth.magpie(None, tiny_tokenizer, 4, SamplingSettings(16, 1.0), SamplingSettings(16, 0.0))
     assert asked[0][0] == [tiny_tokenizer(prefix, add_special_tokens=False)["input_ids"]] * 4
     assert asked[0][1].temperature == 1.0 and asked[1][1].temperature == 0.0
-    assert records == [{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}]
+    assert records == [{"messages": [{"role": "user", "content": "What is 2+2?"},
+                                     {"role": "assistant", "content": "4"}]}]
     assert dropped == {"instruction cut at the token limit": 1, "empty instruction": 1, "duplicate instruction": 1}
 
 
 def test_pairs_and_rejection_sampling_from_scored_samples(tiny_model_dir, tmp_path, capsys):
-    from posttrain.cli import main
-    from posttrain.data.synth import accepted, best_vs_worst
+    from posttrain.apps.cli import main
+    from posttrain.apps.synth import accepted, best_vs_worst
 
     prompts, records = ["p1", "p2"], [{"answer": "4"}, {"answer": "7"}]
     texts = [["a", "b", "c", "b"], ["x", "y"]]
@@ -314,7 +327,8 @@ def test_pairs_and_rejection_sampling_from_scored_samples(tiny_model_dir, tmp_pa
     kept, dropped = accepted(prompts, records, texts, rewards, threshold=0.5, keep=3)
     assert [(r["prompt"], r["completion"]) for r in kept] == [("p1", "b"), ("p1", "c")]  # distinct, at the threshold
     assert dropped == {"no sample reached the threshold": 1}
-    assert main(["data", "synth", "magpie", str(tiny_model_dir), "--data", "x.jsonl", "--out", str(tmp_path / "o")]) == 2
+    assert main(["data", "synth", "magpie", str(tiny_model_dir), "--data", "x.jsonl", "--out",
+                 str(tmp_path / "o")]) == 2
     assert "--data not read here" in capsys.readouterr().err
     out = tmp_path / "pairs.jsonl"
     assert main(["data", "synth", "pairs", str(tiny_model_dir), "--data", str(GSM8K.parent / "gsm8k_test_200.jsonl"),

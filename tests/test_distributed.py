@@ -22,14 +22,16 @@ def single_and_two_processes(command, model_dir, tmp_path, common, accum_two, po
     tests = os.path.dirname(os.path.abspath(__file__))  # reward functions defined in the tests import by name
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
-    one = subprocess.run([sys.executable, "-m", "posttrain.cli", command,
-                          str(write_recipe(tmp_path, model_dir, single, {**common, "train.grad_accum": 2 * accum_two}))],
-                         capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr
+    one_recipe = write_recipe(tmp_path, model_dir, single, {**common, "train.grad_accum": 2 * accum_two})
+    two_recipe = write_recipe(tmp_path, model_dir, double, {**common, "train.grad_accum": accum_two})
+    # side by side: the runs share nothing but the model directory they read
+    one = subprocess.Popen([sys.executable, "-m", "posttrain.apps.cli", command, str(one_recipe)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "posttrain.cli", command,
-                          str(write_recipe(tmp_path, model_dir, double, {**common, "train.grad_accum": accum_two}))],
-                         capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "posttrain.apps.cli",
+                          command, str(two_recipe)], capture_output=True, text=True, env=env, timeout=300)
+    _, one_err = one.communicate(timeout=300)
+    assert one.returncode == 0, one_err
     assert two.returncode == 0, two.stderr[-3000:]
     return single, double
 
@@ -64,7 +66,8 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_model_dir
 def test_dpo_on_two_processes_equals_one_process(tiny_model_dir, tmp_path):
     from test_preference import pairs_file
 
-    common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora", "data.train": str(pairs_file(tmp_path))}
+    common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora",
+              "data.train": str(pairs_file(tmp_path))}
     single, double = single_and_two_processes("dpo", tiny_model_dir, tmp_path, common, accum_two=1, port=29518)
     differences("dpo", single, double)
     for a, b in zip(metrics(single), metrics(double)):

@@ -43,7 +43,7 @@ def test_per_microbatch_mean_would_fail_the_accumulation_test(tiny_model_dir, tm
     target count, then the micro-batch losses averaged) the same comparison fails by far more
     than its tolerance, so the test can catch it."""
     from posttrain.objectives import sft_loss
-    from posttrain.train.forward import batch_logprobs
+    from posttrain.model.forward import batch_logprobs
     from posttrain.train.tasks.sft import SFTTask
 
     def per_microbatch_mean(self, module, batch, normalizer):
@@ -52,7 +52,8 @@ def test_per_microbatch_mean_would_fail_the_accumulation_test(tiny_model_dir, tm
 
     monkeypatch.setattr(SFTTask, "loss", per_microbatch_mean)
     for batch_size, accum in [(8, 1), (1, 8)]:
-        run_sft(tiny_model_dir, tmp_path / f"{batch_size}x{accum}", **{"train.batch_size": batch_size, "train.grad_accum": accum})
+        run_sft(tiny_model_dir, tmp_path / f"{batch_size}x{accum}",
+                **{"train.batch_size": batch_size, "train.grad_accum": accum})
     first = [m["loss"] for m in metrics(tmp_path / "8x1")]
     buggy = [m["loss"] for m in metrics(tmp_path / "1x8")]
     assert max(abs(a - b) for a, b in zip(first, buggy)) > 100 * 1e-5
@@ -71,7 +72,7 @@ def test_run_directory_contract(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert (out / "final" / "adapter_config.json").exists()
     assert any((out / "tensorboard").rglob("events.out.tfevents*"))
-    from posttrain.models import load_model
+    from posttrain.model.load import load_model
 
     load_model(str(out / "final"))  # loadable by transformers + peft
 
@@ -104,7 +105,7 @@ def test_non_finite_loss_is_skipped_then_stops(tiny_model_dir, tmp_path, monkeyp
 
 
 def test_changed_recipe_refuses_to_resume(tiny_model_dir, tmp_path):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     run_sft(tiny_model_dir, tmp_path, **{"train.save_every": 1})
     with pytest.raises(UserError, match="train.lr"):
@@ -114,7 +115,7 @@ def test_changed_recipe_refuses_to_resume(tiny_model_dir, tmp_path):
 KILL_DRIVER = """
 import os, signal, sys
 from posttrain.train import checkpoint
-from posttrain.cli import main
+from posttrain.apps.cli import main
 kill_at = int(os.environ["KILL_AT_STEP"])
 publish = checkpoint.publish
 
@@ -156,7 +157,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path, 
     assert not any(p.name.startswith(".") for p in (killed / "checkpoints").iterdir())  # stale staging cleaned
 
 
-def straight_and_killed(command: str, tmp_path: Path, model_dir: Path, overrides: dict, kill_at_step: int) -> tuple[Path, Path]:
+def straight_and_killed(command: str, tmp_path: Path, model_dir: Path, overrides: dict,
+                        kill_at_step: int) -> tuple[Path, Path]:
     """One recipe run straight through, and run again but SIGKILLed at ``kill_at_step`` and resumed: both run dirs."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_cli([command, str(write_recipe(tmp_path, model_dir, straight, overrides))]).returncode == 0
@@ -168,7 +170,7 @@ def straight_and_killed(command: str, tmp_path: Path, model_dir: Path, overrides
 
 
 def write_recipe(tmp_path: Path, model_dir: Path, out: Path, overrides: dict) -> Path:
-    from posttrain.config import apply_override, parse_override
+    from posttrain.core.config import apply_override, parse_override
 
     tree: dict = {}
     for item in tiny_recipe(model_dir, out, **overrides):
@@ -181,7 +183,9 @@ def write_recipe(tmp_path: Path, model_dir: Path, out: Path, overrides: dict) ->
 def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, tmp_path):
     run_sft(tiny_model_dir, tmp_path / "plain", **{"peft.method": "lora"})
     run_sft(tiny_model_dir, tmp_path / "ckpt", **{"peft.method": "lora", "train.gradient_checkpointing": True})
-    assert [m["loss"] for m in metrics(tmp_path / "ckpt")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "plain")], abs=1e-6)
+    assert [m["loss"] for m in metrics(tmp_path / "ckpt")] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "plain")], abs=1e-6
+    )
     assert_weights_close(final_weights(tmp_path / "plain"), final_weights(tmp_path / "ckpt"), atol=1e-6)
 
 

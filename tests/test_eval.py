@@ -73,7 +73,8 @@ def test_generations_are_cached_per_model_prompt_and_settings(tiny_model_dir, mo
     calls = []
     original = backend.TransformersBackend.generate
     monkeypatch.setattr(backend.TransformersBackend, "generate",
-                        lambda self, prompts, seeds, settings: calls.append(len(prompts)) or original(self, prompts, seeds, settings))
+                        lambda self, prompts, seeds,
+                        settings: calls.append(len(prompts)) or original(self, prompts, seeds, settings))
     prompts = ["What is 2 + 2?", "Name a colour.", "Count to three."]
     sampled = SamplingSettings(12, 0.9)
     first = EvalModel(str(tiny_model_dir)).generate(prompts, sampled, samples=2)
@@ -111,7 +112,8 @@ def scripted(monkeypatch, texts_by_model: dict):
 
     def generate(self, prompts, settings, samples=1, seed=0, progress=True):
         rows = texts_by_model[self.name]
-        return [[Generation(t, len(t.split()), False) for t in (rows[i][:samples] if settings.temperature else rows[i][:1])]
+        return [[Generation(t, len(t.split()),
+                            False) for t in (rows[i][:samples] if settings.temperature else rows[i][:1])]
                 for i in range(len(prompts))]
 
     monkeypatch.setattr(EvalModel, "generate", generate)
@@ -129,7 +131,8 @@ def test_answer_accuracy_pass_and_majority_by_hand(tiny_model_dir, tmp_path, mon
         ["#### 11", "#### 11", "#### 12", "#### 13"],  # all wrong
     ]})
     options = EvalOptions(k=[1, 2, 4], samples=4)
-    out = run_eval(EvalModel(str(tiny_model_dir), name="m"), ["answer_accuracy"], {"answer_accuracy": str(data)}, options)
+    out = run_eval(EvalModel(str(tiny_model_dir), name="m"), ["answer_accuracy"], {"answer_accuracy": str(data)},
+                   options)
     m = out["tasks"]["answer_accuracy"]["metrics"]
     assert m["accuracy"]["value"] == pytest.approx(2 / 3) and m["format"]["value"] == pytest.approx(2 / 3)
     assert m["pass@1"]["value"] == pytest.approx((3 / 4 + 1 / 4 + 0) / 3)
@@ -183,7 +186,7 @@ def test_refusals_distinct_n_and_embedding_distance_by_hand():
 
 
 def test_cli_eval_writes_every_metric_with_an_interval_and_pairs_a_baseline(tiny_model_dir, tmp_path):
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     out = tmp_path / "results.json"
     code = main(["eval", str(tiny_model_dir), "perplexity", "answer_accuracy", "length", "diversity", "refusal_rate",
@@ -212,10 +215,15 @@ def test_perplexity_equals_the_sft_eval_loss_and_forgetting_is_its_paired_change
                    "forgetting": str(GSM8K_TEST)}, options, EvalModel(str(tiny_model_dir)))
     loss = out["tasks"]["perplexity"]["metrics"]["loss"]
     assert loss["value"] == pytest.approx(summary["eval"][-1]["eval/loss"], rel=1e-5)
-    assert out["tasks"]["perplexity"]["baseline"]["loss"]["value"] == pytest.approx(summary["eval"][0]["eval/loss"], rel=1e-5)
+    assert out["tasks"]["perplexity"]["baseline"]["loss"]["value"] == pytest.approx(summary["eval"][0]["eval/loss"],
+                                                                                    rel=1e-5)
     forgetting = out["tasks"]["forgetting"]["metrics"]
-    assert forgetting["loss_increase"]["value"] == pytest.approx(forgetting["loss"]["value"] - forgetting["base_loss"]["value"])
-    assert out["tasks"]["perplexity"]["difference"]["loss"]["value"] == pytest.approx(forgetting["loss_increase"]["value"])
+    assert forgetting["loss_increase"]["value"] == pytest.approx(
+        forgetting["loss"]["value"] - forgetting["base_loss"]["value"]
+    )
+    assert out["tasks"]["perplexity"]["difference"]["loss"]["value"] == pytest.approx(
+        forgetting["loss_increase"]["value"]
+    )
 
 
 def test_preference_accuracy_margins_and_reference(tiny_model_dir):
@@ -225,7 +233,8 @@ def test_preference_accuracy_margins_and_reference(tiny_model_dir):
     from posttrain.evaluate.tasks import EvalOptions
 
     model = EvalModel(str(tiny_model_dir))
-    out = run_eval(model, ["preference_accuracy"], {"preference_accuracy": str(HH)}, EvalOptions(limit=12, max_length=128))
+    out = run_eval(model, ["preference_accuracy"], {"preference_accuracy": str(HH)},
+                   EvalOptions(limit=12, max_length=128))
     direct = preference_accuracy(pair_logprobs(str(tiny_model_dir), str(HH), 12, 128))
     assert out["tasks"]["preference_accuracy"]["metrics"]["accuracy"]["value"] == pytest.approx(direct["accuracy"])
     # against itself as the reference every implicit reward margin is 0: every pair a tie
@@ -276,12 +285,14 @@ def test_recipe_evals_run_at_every_evaluation_and_match_posttrain_eval(tiny_mode
     reset_accelerate()
     final = run_eval(EvalModel(str(tmp_path / "run")), ["perplexity"], {"perplexity": str(GSM8K_TEST)},
                      EvalOptions(limit=8, max_length=384))
-    assert final["tasks"]["perplexity"]["metrics"]["loss"]["value"] == pytest.approx(records[-1]["eval/perplexity/loss"], rel=1e-5)
+    assert final["tasks"]["perplexity"]["metrics"]["loss"]["value"] == pytest.approx(
+        records[-1]["eval/perplexity/loss"], rel=1e-5
+    )
 
 
 def test_recipe_evals_are_checked_when_the_recipe_loads(tiny_model_dir, tmp_path):
-    from posttrain.config import load_recipe
-    from posttrain.errors import UserError
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.errors import UserError
 
     base = [f"model={tiny_model_dir}", f"output_dir={tmp_path}", f"data.train={GSM8K}"]
     with pytest.raises(UserError, match="unknown eval task 'acuracy'"):
@@ -293,9 +304,10 @@ def test_recipe_evals_are_checked_when_the_recipe_loads(tiny_model_dir, tmp_path
 
 
 def test_quickstart_prints_paired_changes_and_writes_results(tiny_model_dir, tmp_path, capsys):
-    from posttrain.quickstart import quickstart
+    from posttrain.apps.quickstart import quickstart
 
-    results = quickstart(str(tmp_path / "qs"), 4, [f"model={tiny_model_dir}", "train.max_steps=2", "train.save_every=null",
+    results = quickstart(str(tmp_path / "qs"), 4,
+                         [f"model={tiny_model_dir}", "train.max_steps=2", "train.save_every=null",
                                                     "data.eval=null", "train.report_to=[]", "peft.r=4"])
     printed = capsys.readouterr().out
     assert (tmp_path / "qs" / "results.json").exists()
@@ -308,7 +320,7 @@ def test_quickstart_prints_paired_changes_and_writes_results(tiny_model_dir, tmp
 
 
 def test_user_tasks_by_module_function_and_bad_input_errors(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     (tmp_path / "my_tasks.py").write_text(
         "from posttrain.evaluate import stats\nfrom posttrain.evaluate.tasks import TaskResult, load_prompts\n"
@@ -332,9 +344,9 @@ def test_user_tasks_by_module_function_and_bad_input_errors(tiny_model_dir, tmp_
 
 
 def test_options_no_task_reads_are_refused(tiny_model_dir, tmp_path, capsys):
-    from posttrain.cli import main
-    from posttrain.config import load_recipe
-    from posttrain.errors import UserError
+    from posttrain.apps.cli import main
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.errors import UserError
 
     assert main(["eval", str(tiny_model_dir), "perplexity", "--data", str(GSM8K_TEST), "--k", "4"]) == 2
     assert "--k not read by perplexity" in capsys.readouterr().err

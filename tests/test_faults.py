@@ -13,7 +13,7 @@ from test_engine import write_recipe
 
 SIGNAL_DRIVER = """
 import os, signal, sys
-from posttrain.cli import main
+from posttrain.apps.cli import main
 from posttrain.train.engine import Engine
 at, times = int(os.environ["SIGNAL_AT_STEP"]), int(os.environ["SIGNAL_TIMES"])
 train_step = Engine.train_step
@@ -52,7 +52,8 @@ def dpo_overrides(tmp_path):
 def test_sigterm_checkpoints_after_the_step_and_the_resumed_run_equals_the_uninterrupted_one(
         command, tiny_model_dir, tmp_path):
     overrides = {"sft": {"train.max_steps": 5, "train.save_every": 100, "train.batch_size": 4},
-                 "dpo": None, "grpo": None}[command] or (dpo_overrides(tmp_path) if command == "dpo" else rl_overrides())
+                 "dpo": None,
+                 "grpo": None}[command] or (dpo_overrides(tmp_path) if command == "dpo" else rl_overrides())
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run_signalled([command, str(write_recipe(tmp_path, tiny_model_dir, straight, overrides))]).returncode == 0
     recipe = write_recipe(tmp_path, tiny_model_dir, stopped, overrides)
@@ -143,7 +144,7 @@ def test_a_full_disk_stops_before_writing_and_keeps_the_last_checkpoint(tiny_mod
     import shutil
     from collections import namedtuple
 
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     run_sft(tiny_model_dir, tmp_path, **{"train.max_steps": 2, "train.save_every": 1})
     Usage = namedtuple("Usage", "total used free")
@@ -161,13 +162,14 @@ def test_a_runs_recipe_yaml_loads_back_as_the_same_recipe_for_every_shipped_reci
     import re
     from pathlib import Path
 
-    from posttrain.commands import COMMANDS
-    from posttrain.config import dump_recipe, load_recipe
+    from posttrain.train.commands import COMMANDS
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.config import dump_recipe
 
     checked = 0
     for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
         command = re.search(r"posttrain (\w+)", path.read_text()).group(1)
-        if command not in COMMANDS or not COMMANDS[command].task_class:
+        if command not in COMMANDS:
             continue
         recipe = load_recipe(command, str(path))
         written = tmp_path / f"{path.stem}.yaml"
@@ -175,7 +177,7 @@ def test_a_runs_recipe_yaml_loads_back_as_the_same_recipe_for_every_shipped_reci
         again = load_recipe(command, str(written))
         assert again == recipe, path.name
         assert again.peft.changed() == recipe.peft.changed()
-        COMMANDS[command].task_class()(again, tiny_tokenizer)  # the task's own checks accept it too
+        COMMANDS[command].task(again, tiny_tokenizer)  # the task's own checks accept it too
         checked += 1
     assert checked >= 12
 
@@ -188,10 +190,12 @@ def test_secrets_in_the_environment_never_reach_the_run_directory(tiny_model_dir
     for name in ("WANDB_API_KEY", "HF_TOKEN", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"):
         monkeypatch.setenv(name, secret)
     evals = f"[{{task: answer_accuracy, data: {GSM8K}, limit: 2, max_new_tokens: 4}}]"
-    run_sft(tiny_model_dir, tmp_path, **{"train.max_steps": 2, "train.save_every": 1, "train.report_to": "[tensorboard]",
+    run_sft(tiny_model_dir, tmp_path,
+            **{"train.max_steps": 2, "train.save_every": 1, "train.report_to": "[tensorboard]",
                                          "data.eval": str(GSM8K), "data.eval_limit": 4, "train.eval_every": 1,
                                          "evals": evals})
-    assert subprocess.run([sys.executable, "-m", "posttrain", "report", str(tmp_path)], capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "posttrain", "report", str(tmp_path)],
+                          capture_output=True).returncode == 0
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "report.html" for p in files) and any("tfevents" in p.name for p in files)
     assert not [p for p in files if secret.encode() in p.read_bytes()]
@@ -203,7 +207,7 @@ def test_pickle_weights_are_refused_unless_the_recipe_allows_them(tiny_model_dir
     import torch
     from safetensors.torch import load_file
 
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, pickled)
@@ -256,7 +260,8 @@ def test_reward_functions_import_from_beside_the_recipe_never_from_data(tiny_mod
     assert logged["reward/my_rewards:short/failed"] == 0 and logged["reward/mean"] > 0
     moved = tmp_path / "recipe-alone.yaml"  # the same recipe away from my_rewards.py: not importable
     moved.write_text(recipe.read_text())
-    refused = subprocess.run([sys.executable, "-m", "posttrain", "grpo", str(moved), f"output_dir={tmp_path / 'other'}"],
+    refused = subprocess.run([sys.executable, "-m", "posttrain", "grpo", str(moved),
+                              f"output_dir={tmp_path / 'other'}"],
                              cwd=elsewhere, capture_output=True, text=True)
     assert refused.returncode == 2 and "my_rewards:short" in refused.stderr and "cannot import" in refused.stderr
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from posttrain.errors import UserError
-from posttrain.gguf_export import permute_rotary, tensor_type, unpermute_rotary, write_gguf
+from posttrain.core.errors import UserError
+from posttrain.apps.gguf_export import permute_rotary, tensor_type, unpermute_rotary, write_gguf
 
 MESSAGES = [{"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold half as "
                                         "many clips in May. How many clips did Natalia sell altogether?"}]
@@ -19,7 +19,7 @@ MESSAGES = [{"role": "user", "content": "Natalia sold clips to 48 of her friends
 
 def reload(gguf_file: Path, cache: Path, monkeypatch) -> Path:
     """The file through posttrain's GGUF loader (``model: x.gguf``), its conversion cache kept in the test."""
-    from posttrain.models import convert_gguf
+    from posttrain.model.load import convert_gguf
 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(cache))
     directory = convert_gguf(gguf_file)
@@ -28,7 +28,7 @@ def reload(gguf_file: Path, cache: Path, monkeypatch) -> Path:
 
 
 def load(directory):
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.load import load_model, load_tokenizer
 
     return load_model(str(directory)).eval(), load_tokenizer(str(directory))
 
@@ -50,7 +50,8 @@ def roundtrip(tensor: torch.Tensor, quant: str) -> torch.Tensor:
 
     qtype = tensor_type("x", tuple(tensor.shape), quant)
     data = tensor.float().numpy()
-    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(quants.quantize(data, qtype), qtype))).reshape(tensor.shape)
+    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(quants.quantize(data, qtype),
+                                                                   qtype))).reshape(tensor.shape)
 
 
 def test_rotary_permutation_is_llama_cpps_and_inverts():
@@ -81,7 +82,8 @@ def test_f32_export_reloads_as_the_same_model(tiny_model_dir, tmp_path, monkeypa
     assert fields == {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
                       "llama.attention.head_count_kv": 2, "tokenizer.ggml.add_bos_token": False}
 
-    (model, tokenizer), (back, back_tokenizer) = load(tiny_model_dir), load(reload(out, tmp_path / "cache", monkeypatch))
+    (model, tokenizer), (back,
+                         back_tokenizer) = load(tiny_model_dir), load(reload(out, tmp_path / "cache", monkeypatch))
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
     assert back_tokenizer.chat_template == tokenizer.chat_template
@@ -139,7 +141,7 @@ def test_refusals_name_the_way_out(tiny_model_dir, tmp_path):
 def test_cli_exports_a_lora_run_with_the_adapter_merged(tiny_model_dir, tmp_path, monkeypatch):
     from helpers import run_sft
 
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     run = tmp_path / "run"
     run_sft(tiny_model_dir, run, **{"peft.method": "lora", "train.precision": "fp32", "train.lr": 5e-2})
@@ -154,7 +156,7 @@ def test_cli_exports_a_lora_run_with_the_adapter_merged(tiny_model_dir, tmp_path
 
 
 def test_embedded_model_q8_0_gives_the_same_greedy_completion(tmp_path, monkeypatch):
-    from posttrain.models import resolve_model
+    from posttrain.model.load import resolve_model
 
     source = Path(resolve_model("default"))
     out = tmp_path / "smollm2-q8_0.gguf"
@@ -190,7 +192,7 @@ def test_llama_cpp_reads_the_export_as_transformers_does(tiny_model_dir, tmp_pat
 
 def test_llama_cpp_completes_the_embedded_export_like_transformers(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from posttrain.models import resolve_model
+    from posttrain.model.load import resolve_model
 
     source = Path(resolve_model("default"))
     out = tmp_path / "smollm2-q8_0.gguf"

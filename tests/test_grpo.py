@@ -24,7 +24,8 @@ def test_accumulation_does_not_change_loss_or_updates(tiny_model_dir, tmp_path, 
     runs = {}
     for batch_size, accum in [(8, 1), (2, 4), (1, 8)]:
         out = tmp_path / f"{batch_size}x{accum}"
-        run_grpo(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "rl.aggregation": mode,
+        run_grpo(tiny_model_dir, out,
+                 **{"train.batch_size": batch_size, "train.grad_accum": accum, "rl.aggregation": mode,
                                          "rl.kl_coef": 0.05, "peft.method": "lora"})
         runs[(batch_size, accum)] = (metrics(out), final_weights(out))
     reference_metrics, reference_weights = runs[(8, 1)]
@@ -45,7 +46,8 @@ def test_per_microbatch_normalization_would_fail_the_accumulation_test(tiny_mode
     monkeypatch.setattr(GRPOTask, "loss", lambda self, module, rl, normalizer: original(
         self, module, rl, rl.units * self.recipe.train.grad_accum))
     for batch_size, accum in [(8, 1), (1, 8)]:
-        run_grpo(tiny_model_dir, tmp_path / f"{batch_size}x{accum}", **{"train.batch_size": batch_size, "train.grad_accum": accum})
+        run_grpo(tiny_model_dir, tmp_path / f"{batch_size}x{accum}",
+                 **{"train.batch_size": batch_size, "train.grad_accum": accum})
     first, buggy = metrics(tmp_path / "8x1"), metrics(tmp_path / "1x8")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(first, buggy)) > 1e3 * 1e-9
 
@@ -107,7 +109,8 @@ def test_dynamic_sampling_filters_on_the_outcome_before_length_shaping(tiny_mode
 
 
 def test_resampling_refills_the_step(tiny_model_dir, tmp_path):
-    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "rl.dynamic_sampling": "resample", "rl.max_resample": 3,
+    run_grpo(tiny_model_dir, tmp_path,
+             **{"train.batch_size": 8, "rl.dynamic_sampling": "resample", "rl.max_resample": 3,
                                           "rewards": "[{name: 'test_grpo:only_prompt_zero_varies'}]", "data.limit": 8})
     logged = metrics(tmp_path)
     assert all(m["groups/trained"] <= 2 for m in logged)
@@ -161,7 +164,8 @@ def test_overlong_filter_with_mixed_truncation_leaves_the_truncated_out(tiny_mod
     collected = []
     original = GRPOTask.collect
     monkeypatch.setattr(GRPOTask, "collect", lambda self, *a: collected.append(original(self, *a)) or collected[-1])
-    overrides = {"rl.overlong_filter": "true", "rl.aggregation": mode, "train.max_steps": 1, "train.batch_size": batch_size,
+    overrides = {"rl.overlong_filter": "true", "rl.aggregation": mode, "train.max_steps": 1,
+                 "train.batch_size": batch_size,
                  "train.grad_accum": accum}
     if command == "ppo":
         overrides.update({"rollout.num_generations": 1, "rl.ppo_epochs": 1, "rl.kl_coef": 0.0, "rl.vf_coef": 0.5})
@@ -177,7 +181,7 @@ def test_overlong_filter_with_mixed_truncation_leaves_the_truncated_out(tiny_mod
 
 
 def test_soft_overlong_punishment(tiny_model_dir, tmp_path):
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.tasks.grpo import GRPOTask
 
     recipe = load_recipe("grpo", None, [f"model={tiny_model_dir}", f"output_dir={tmp_path}", "data.train=x.jsonl",
@@ -190,7 +194,8 @@ def test_soft_overlong_punishment(tiny_model_dir, tmp_path):
             self.token_ids = [0] * n
 
     # no penalty up to 12 tokens, then linear to -2 at 20
-    assert task.shape_rewards([1.0] * 4, [Completion(n) for n in (5, 12, 16, 20)]) == pytest.approx([1.0, 1.0, 0.0, -1.0])
+    assert task.shape_rewards([1.0] * 4,
+                              [Completion(n) for n in (5, 12, 16, 20)]) == pytest.approx([1.0, 1.0, 0.0, -1.0])
 
 
 def test_num_iterations_reuses_rollouts_with_the_old_logprobs(tiny_model_dir, tmp_path):
@@ -208,16 +213,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
 
     common = {**RL, "train.max_steps": 6, "train.save_every": 1, "train.batch_size": 4, "train.grad_accum": 2,
               "peft.method": "lora", "peft.dropout": 0.1, "rl.num_iterations": 2, "rl.kl_coef": 0.1}
-    straight, killed = straight_and_killed("grpo", tmp_path, tiny_model_dir, common, kill_at_step=4)  # step 3 saved, mid-cycle
+    straight, killed = straight_and_killed("grpo", tmp_path, tiny_model_dir, common,
+                                           kill_at_step=4)  # step 3 saved, mid-cycle
     assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-6)
     for a, b in zip(metrics(straight), metrics(killed)):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["reward/mean"] == pytest.approx(b["reward/mean"],
+                                                                                                     abs=1e-12)
 
 
 def test_evaluation_reports_accuracy_with_an_interval(tiny_model_dir, tmp_path):
     from conftest import GSM8K
 
-    run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, "train.max_steps": 1, "rewards": "[{name: math_answer}]",
+    run_grpo(tiny_model_dir, tmp_path,
+             **{"train.batch_size": 8, "train.max_steps": 1, "rewards": "[{name: math_answer}]",
                                           "data.eval": str(GSM8K), "data.eval_limit": 6})
     evaluated = metrics(tmp_path, "eval.jsonl")[-1]
     assert evaluated["eval/n"] == 6 and 0.0 <= evaluated["eval/accuracy_ci_low"] <= evaluated["eval/accuracy"]
@@ -236,7 +244,7 @@ def test_evaluation_reports_accuracy_with_an_interval(tiny_model_dir, tmp_path):
     ({"train.max_tokens_per_micro_batch": 100}, "forms its own"),
 ])
 def test_recipe_errors(tiny_model_dir, tmp_path, overrides, message):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises((UserError, ValueError), match=message):
         run_grpo(tiny_model_dir, tmp_path, **{"train.batch_size": 8, **overrides})
@@ -255,7 +263,8 @@ def test_the_kl_estimator_follows_where_the_kl_goes(tiny_model_dir, tmp_path, co
     says which, and loads back to the same recipe."""
     import yaml
 
-    from posttrain.config import dump_recipe, load_recipe, validate_recipe
+    from posttrain.apps.recipes import load_recipe, validate_recipe
+    from posttrain.core.config import dump_recipe
 
     from helpers import tiny_recipe
 
@@ -270,8 +279,8 @@ def test_the_kl_estimator_follows_where_the_kl_goes(tiny_model_dir, tmp_path, co
 def test_k1_in_the_loss_is_refused_with_the_way_out(tiny_model_dir, tmp_path, command):
     """k1 in the loss has zero expected gradient: refused at load, naming k3 / k2 in the loss or k1 in the reward;
     without a KL term (kl_coef 0) the estimator is not read and nothing is refused."""
-    from posttrain.config import load_recipe
-    from posttrain.errors import UserError
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.errors import UserError
 
     from helpers import tiny_recipe
 
@@ -284,7 +293,7 @@ def test_k1_in_the_loss_is_refused_with_the_way_out(tiny_model_dir, tmp_path, co
 # -- the generation backend ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
     from posttrain.rollout.backend import TransformersBackend
     from transformers import AutoModelForCausalLM
 
@@ -327,7 +336,9 @@ def test_temperature_zero_is_greedy(backend):
     expected = backend.model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, pad_token_id=2)
     produced = expected[0, len(PROMPTS[0]):].tolist()
     assert greedy.token_ids == produced[: len(greedy.token_ids)]
-    assert backend.generate(PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=1))[0].token_ids == greedy.token_ids
+    assert backend.generate(PROMPTS[:1], [0],
+                            SamplingSettings(max_new_tokens=8, temperature=1.0,
+                                             top_k=1))[0].token_ids == greedy.token_ids
 
 
 def test_stop_strings_end_a_completion(backend):
@@ -368,8 +379,14 @@ def test_shipped_large_number_files_are_the_generator_output_and_never_overlap()
     assets = resources.files("posttrain") / "assets"
     train, evaluation = large_split()
     assert [json.loads(line) for line in (assets / "arithmetic_large_train.jsonl").read_text().splitlines()] == train
-    assert [json.loads(line) for line in (assets / "arithmetic_large_eval_200.jsonl").read_text().splitlines()] == evaluation
-    assert len(train) == 1200 and len(evaluation) == 200 and not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    assert [
+        json.loads(line) for line in (assets / "arithmetic_large_eval_200.jsonl").read_text().splitlines()
+    ] == evaluation
+    assert (
+        len(train) == 1200
+        and len(evaluation) == 200
+        and not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    )
     for record in train + evaluation:
         assert str(eval(record["prompt"].removeprefix("What is ").rstrip("?"))) == record["answer"]  # noqa: S307
 
@@ -378,7 +395,7 @@ def test_gsm8k_recipe_runs_with_tiny_settings(tiny_model_dir, tmp_path):
     """The GPU recipe as shipped (bf16 autocast, gradient checkpointing, two rewards in worker processes),
     shrunk to the tiny model and one step."""
     from helpers import reset_accelerate
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     reset_accelerate()
@@ -396,7 +413,8 @@ def test_remax_trains_against_the_greedy_baseline(tiny_model_dir, tmp_path):
     runs = {}
     for batch_size, accum in [(8, 1), (1, 8)]:
         out = tmp_path / f"{batch_size}x{accum}"
-        run_grpo(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "rl.advantage": "remax",
+        run_grpo(tiny_model_dir, out,
+                 **{"train.batch_size": batch_size, "train.grad_accum": accum, "rl.advantage": "remax",
                                          "rl.policy_loss": "reinforce", "peft.method": "lora"})
         runs[(batch_size, accum)] = (metrics(out), final_weights(out))
     (first, weights), (other, other_weights) = runs.values()
@@ -424,7 +442,8 @@ def test_sampler_correction_weighs_the_loss_by_the_capped_ratio(tiny_model_dir, 
     run_grpo(tiny_model_dir, tmp_path / "faithful", **common, **{"rl.sampler_correction": "token_truncate"})
     plain, faithful = metrics(tmp_path / "plain")[0], metrics(tmp_path / "faithful")[0]
     # generate's float32 logits put rho within ~2e-7 of 1 (the mismatch metric), so the loss moves by about that
-    assert faithful["loss"] == pytest.approx(plain["loss"], abs=1e-6) and faithful["policy/sampler_corrected_fraction"] == 0
+    assert faithful["loss"] == pytest.approx(plain["loss"],
+                                             abs=1e-6) and faithful["policy/sampler_corrected_fraction"] == 0
 
     original = TransformersBackend._completion
     monkeypatch.setattr(TransformersBackend, "_completion", lambda self, tokens, logps, settings: original(
@@ -464,7 +483,7 @@ def test_prompt_tuned_models_decode_with_their_virtual_tokens(tiny_model_dir):
     from peft import PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
     from posttrain.rollout.backend import SamplingSettings, TransformersBackend
 
     torch.manual_seed(0)
@@ -484,7 +503,8 @@ def test_prompt_tuned_models_decode_with_their_virtual_tokens(tiny_model_dir):
     assert len(ours) == 8 and ours == recomputed
     plain = TransformersBackend(base, load_tokenizer(str(tiny_model_dir)))
     with model.disable_adapter():
-        assert plain.generate(PROMPTS[:1], [0], SamplingSettings(max_new_tokens=8, temperature=0.0))[0].token_ids != ours
+        assert plain.generate(PROMPTS[:1], [0],
+                              SamplingSettings(max_new_tokens=8, temperature=0.0))[0].token_ids != ours
 
 
 def test_rows_that_end_early_leave_the_batch_without_changing_any_sample(backend):

@@ -18,7 +18,7 @@ def classifiers(tiny_model_dir, tmp_path_factory):
     """A random reward model and a random process reward model on the tiny Llama (heads saved, so they load)."""
     from transformers import LlamaForSequenceClassification, LlamaForTokenClassification
 
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     config = build_model(len(tokenizer)).config
@@ -38,7 +38,7 @@ def classifiers(tiny_model_dir, tmp_path_factory):
 
 
 def cli(*argv) -> int:
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     return main([str(a) for a in argv])
 
@@ -49,7 +49,8 @@ def test_score_pairs_lists_and_singles_with_a_reward_model(classifiers, tmp_path
     pairs = pairs_file(tmp_path, n=6)
     records = [json.loads(line) for line in pairs.read_text().splitlines()]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [
-        records[0], {"prompt": "Say hi", "responses": ["hi", "hello there", "no"]}, {"prompt": "Say hi", "completion": "hi"}])
+        records[0], {"prompt": "Say hi", "responses": ["hi", "hello there", "no"]},
+        {"prompt": "Say hi", "completion": "hi"}])
     assert cli("score", classifiers["rm"], pairs, "--out", tmp_path / "pairs_scores.jsonl") == 0
     summary = capsys.readouterr().out
     scored = [json.loads(line) for line in (tmp_path / "pairs_scores.jsonl").read_text().splitlines()]
@@ -140,7 +141,7 @@ def test_urial_prompt_layout_and_answer_cut():
 
 def test_nudging_thresholds_hand_the_words_to_one_model_or_the_other(tiny_model_dir):
     from posttrain.infer import nudge
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.load import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     base = load_model(str(tiny_model_dir)).eval()
@@ -154,7 +155,7 @@ def test_nudging_thresholds_hand_the_words_to_one_model_or_the_other(tiny_model_
 
 def test_reward_guided_decoding_keeps_the_best_chunk(tiny_model_dir):
     from posttrain.infer import reward_guided
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.load import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir))
@@ -181,7 +182,7 @@ def test_generate_urial_nudge_and_guided_chunks_from_the_command_line(tiny_model
     assert "```" not in row["completion"] and "# Query:" not in row["completion"]
 
     nudger = tmp_path / "nudger"
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
 
     build_model(len(load_tokenizer(str(tiny_model_dir))), seed=5).save_pretrained(nudger)
     load_tokenizer(str(tiny_model_dir)).save_pretrained(nudger)

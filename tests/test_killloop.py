@@ -28,7 +28,8 @@ def family_overrides(command: str, tmp_path) -> dict:
     common = {"train.max_steps": 8, "train.save_every": 1, "train.save_total_limit": 2, "train.batch_size": 4,
               "peft.method": "lora", "peft.dropout": 0.1, "train.eval_every": 3}
     data = {"sft": {},
-            "dpo": {"data.train": str(pairs_file(tmp_path)), "data.eval": str(pairs_file(tmp_path)), "data.limit": "null"},
+            "dpo": {"data.train": str(pairs_file(tmp_path)), "data.eval": str(pairs_file(tmp_path)),
+                    "data.limit": "null"},
             "kto": {"data.train": str(unpaired_file(tmp_path)), "data.limit": "null"},
             "rank": {"data.train": str(ranked_file(tmp_path)), "data.limit": "null"},
             "rm": {"data.train": str(pairs_file(tmp_path)), "data.limit": "null"},

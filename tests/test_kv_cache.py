@@ -8,11 +8,12 @@ import torch
 from transformers import DynamicCache
 
 import posttrain.rollout.backend as backend_module
-from posttrain.ops.attention import use_segment_attention
+from posttrain.model.attention import use_segment_attention
 from posttrain.rollout.backend import SamplingSettings, TransformersBackend
 
 SYSTEM = [1, 40, 41, 42, 43, 44]  # a common start, as a chat template's system prompt gives every prompt
-PROMPTS = [SYSTEM + [50, 51, 52, 53, 54, 55, 56], SYSTEM + [60], SYSTEM + [70, 71, 72], SYSTEM + [50, 51, 52, 53, 54, 55, 56],
+PROMPTS = [SYSTEM + [50, 51, 52, 53, 54, 55, 56], SYSTEM + [60], SYSTEM + [70, 71, 72],
+           SYSTEM + [50, 51, 52, 53, 54, 55, 56],
            SYSTEM[:3], SYSTEM + [80, 81]]
 
 
@@ -43,7 +44,8 @@ def generate(model, tokenizer, transformers_cache: bool, monkeypatch, prompts=PR
         patch.setattr(model, "forward", recording)
         if transformers_cache:
             patch.setattr(backend_module, "reserved_cache", lambda config, capacity: DynamicCache(config=config))
-        completions = backend.generate(prompts, list(range(len(prompts))), SamplingSettings(max_new_tokens=12, temperature=1.0))
+        completions = backend.generate(prompts, list(range(len(prompts))),
+                                       SamplingSettings(max_new_tokens=12, temperature=1.0))
     return completions, prefills
 
 

@@ -1,4 +1,4 @@
-"""Lean decoder layers (ops/lean.py): the same losses and gradients with fewer activations saved."""
+"""Lean decoder layers (model/lean.py): the same losses and gradients with fewer activations saved."""
 
 import copy
 
@@ -10,8 +10,8 @@ from conftest import build_model
 from posttrain.data.batching import collate
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.objectives import sft_loss
-from posttrain.ops.lean import lean_lora_forward, make_lean
-from posttrain.train.forward import TargetLogprobs, batch_logprobs
+from posttrain.model.lean import lean_lora_forward, make_lean
+from posttrain.model.forward import TargetLogprobs, batch_logprobs
 
 
 def tiny(family: str):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from posttrain.ops.logprobs import target_logprobs
+from posttrain.model.logprobs import target_logprobs
 
 
 def plain(hidden, weight, targets, bias=None):

@@ -1,14 +1,15 @@
-"""posttrain.merge: each method on small tensors against values worked out by hand."""
+"""posttrain.apps.merge: each method on small tensors against values worked out by hand."""
 
 import math
 
 import pytest
 import torch
 
-from posttrain.errors import UserError
-from posttrain.merge import (dare, dare_ties, greedy_soup, lines, linear, model_stock, slerp, task_arithmetic, ties,
+from posttrain.core.errors import UserError
+from posttrain.apps.merge import (dare, dare_ties, greedy_soup, lines, linear, model_stock, slerp, task_arithmetic,
+                                  ties,
                              transfer, wise_ft)
-from posttrain.merge.methods import greedy_selection
+from posttrain.apps.merge.methods import greedy_selection
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -97,10 +98,12 @@ def test_wise_ft_and_fine_tuning_transfer():
 def test_greedy_selection_adds_ingredients_only_while_the_soup_does_not_get_worse():
     losses = {(0,): 1.2, (1,): 1.0, (2,): 1.1, (3,): 2.0, (1, 2): 0.9, (1, 2, 0): 0.95, (1, 2, 3): 0.9}
     kept, history = greedy_selection(4, lambda idx: losses[tuple(idx)])
-    assert kept == [1, 2, 3]  # ranked 1, 2, 0, 3 alone; 0 makes the soup worse, 3 leaves it equal (kept, as in the paper)
+    assert kept == [1, 2,
+                    3]  # ranked 1, 2, 0, 3 alone; 0 makes the soup worse, 3 leaves it equal (kept, as in the paper)
     assert [(h["ingredient"], h["soup"], h["kept"]) for h in history] == [
         (1, 1.0, True), (2, 0.9, True), (0, 0.95, False), (3, 0.9, True)]
-    kept, _ = greedy_selection(3, lambda idx: {(0,): 0.2, (1,): 0.5, (2,): 0.1, (1, 0): 0.6, (1, 0, 2): 0.4}[tuple(idx)],
+    kept, _ = greedy_selection(3,
+                               lambda idx: {(0,): 0.2, (1,): 0.5, (2,): 0.1, (1, 0): 0.6, (1, 0, 2): 0.4}[tuple(idx)],
                                higher_is_better=True)
     assert kept == [1, 0]
 
@@ -128,8 +131,8 @@ def test_merge_command_streams_tensors_and_equals_the_functions(tiny_model_dir, 
     from transformers import AutoModelForCausalLM
 
     from conftest import build_model
-    from posttrain.cli import main
-    from posttrain.models import load_tokenizer
+    from posttrain.apps.cli import main
+    from posttrain.model.load import load_tokenizer
 
     vocab = len(load_tokenizer(str(tiny_model_dir)))
     directories = []
@@ -139,7 +142,8 @@ def test_merge_command_streams_tensors_and_equals_the_functions(tiny_model_dir, 
         directories.append(directory)
     recipe = tmp_path / "merge.yaml"
     recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(tiny_model_dir), "density": 0.3,
-                                      "models": [{"model": str(d), "weight": w} for d, w in zip(directories, (1.0, 0.5))],
+                                      "models": [{"model": str(d), "weight": w} for d, w in zip(directories,
+                                                                                                (1.0, 0.5))],
                                       "output": str(tmp_path / "merged")}))
     assert main(["merge", str(recipe)]) == 0
     merged = load_file(tmp_path / "merged" / "model.safetensors")
@@ -160,7 +164,7 @@ def test_merge_command_streams_tensors_and_equals_the_functions(tiny_model_dir, 
 @pytest.fixture(scope="module")
 def three_models(tiny_model_dir, tmp_path_factory):
     from conftest import build_model
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     directories = []
@@ -178,7 +182,8 @@ def mergekit_merge(config: dict, out) -> dict:
     from mergekit.merge import MergeOptions, run_merge
     from safetensors.torch import load_file
 
-    run_merge(MergeConfiguration.model_validate({**config, "dtype": "float32"}), str(out), MergeOptions(copy_tokenizer=False))
+    run_merge(MergeConfiguration.model_validate({**config, "dtype": "float32"}), str(out),
+              MergeOptions(copy_tokenizer=False))
     return load_file(out / "model.safetensors")
 
 
@@ -195,7 +200,8 @@ def test_each_method_equals_mergekit(three_models, tmp_path, method):
         "slerp": ({"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
                    "parameters": {"t": 0.3}}, lambda: slerp(states[1], states[2], 0.3)),
         "task_arithmetic": ({"merge_method": "task_arithmetic", "base_model": base,
-                             "models": [{"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": -0.4}}]},
+                             "models": [{"model": a, "parameters": {"weight": 0.7}},
+                                        {"model": b, "parameters": {"weight": -0.4}}]},
                             lambda: task_arithmetic(states[0], states[1:], [0.7, -0.4])),
         "ties": ({"merge_method": "ties", "base_model": base,
                   "models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.3}},
@@ -219,14 +225,15 @@ def lora_model(seed: int, rslora: bool = False):
 
     base = build_model(64, seed=0).double()
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_rslora=rslora)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        use_rslora=rslora)
     model = get_peft_model(base, config)
     return model, {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}, config.to_dict()
 
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merge_lora_equals_peft_merge_and_unload(rslora):
-    from posttrain.merge.lora import adapter_scaling, merge_lora
+    from posttrain.apps.merge.lora import adapter_scaling, merge_lora
 
     from conftest import build_model
 
@@ -241,7 +248,7 @@ def test_merge_lora_equals_peft_merge_and_unload(rslora):
 
 
 def test_concatenated_adapters_add_the_updates_exactly():
-    from posttrain.merge.lora import adapter_scaling, concat_adapters, merge_lora
+    from posttrain.apps.merge.lora import adapter_scaling, concat_adapters, merge_lora
 
     from conftest import build_model
 
@@ -258,7 +265,7 @@ def test_concatenated_adapters_add_the_updates_exactly():
 
 
 def test_adapters_that_cannot_be_merged_here_say_why():
-    from posttrain.merge.lora import adapter_scaling, merge_lora
+    from posttrain.apps.merge.lora import adapter_scaling, merge_lora
 
     with pytest.raises(UserError, match="DoRA"):
         adapter_scaling({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True})

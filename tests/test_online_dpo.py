@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import GSM8K
 from helpers import assert_weights_close, final_weights, metrics, run_command
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 ONLINE = {"rollout.max_new_tokens": 12, "rollout.stop": '["e", "a"]', "rollout.num_generations": 4,
           "rewards": "[{name: 'test_online_dpo:characters'}]", "online.reward_workers": 0, "train.max_steps": 3,
@@ -31,7 +31,8 @@ def run_online(model_dir, out, **overrides):
 
 def pool(checkpoint, tokenizer):
     state = load_file(checkpoint / "task.safetensors")
-    sides = {name: torch.split(state[f"{name}_tokens"], state[f"{name}_lengths"].tolist()) for name in ("chosen", "rejected")}
+    sides = {name: torch.split(state[f"{name}_tokens"], state[f"{name}_lengths"].tolist()) for name in ("chosen",
+                                                                                                        "rejected")}
     return [(tokenizer.decode(c, skip_special_tokens=True), tokenizer.decode(r, skip_special_tokens=True))
             for c, r in zip(sides["chosen"], sides["rejected"])]
 
@@ -44,7 +45,8 @@ def test_pairs_are_best_against_worst_and_the_first_loss_is_log_2(tiny_model_dir
     assert logged[2]["online/pairs"] == len(pairs) == 4 * (1 - logged[2]["online/tie_fraction"])
     assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-12)  # the policy is its own reference at step 1
     assert logged[0]["online/chosen_score"] > logged[0]["online/rejected_score"]
-    assert logged[1]["rewards/margin"] != 0 and [m["online/round"] for m in logged] == [1, 2, 3]  # fresh pairs each step
+    assert logged[1]["rewards/margin"] != 0 and [m["online/round"] for m in logged] == [1, 2,
+                                                                                        3]  # fresh pairs each step
 
 
 def test_ties_give_no_pair(tiny_model_dir, tmp_path):
@@ -59,7 +61,8 @@ def test_accumulation_does_not_change_loss_or_updates(tiny_model_dir, tmp_path, 
     runs = []
     for batch_size, accum in [(4, 1), (1, 4)]:
         out = tmp_path / f"{batch_size}x{accum}"
-        run_online(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "train.max_steps": 4,
+        run_online(tiny_model_dir, out,
+                   **{"train.batch_size": batch_size, "train.grad_accum": accum, "train.max_steps": 4,
                                            "peft.method": "lora", **extra})
         runs.append((metrics(out), final_weights(out)))
     (a_metrics, a_weights), (b_metrics, b_weights) = runs

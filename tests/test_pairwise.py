@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.objectives.pairwise import PAIRWISE, check_pairwise, pairwise_loss
 
 
@@ -33,7 +33,8 @@ HAND = {
     "robust": ({"label_smoothing": 0.1}, (-0.9 * logsig(1.5) + 0.1 * logsig(-1.5)) / 0.8),
     "ipo": ({}, (LW / 5 - LL / 7 - 1 / (2 * BETA)) ** 2),
     "hinge": ({}, max(0.0, 1 - BETA * DELTA)),
-    "exo_pair": ({"label_smoothing": 1e-3}, sig(1.5) * (logsig(1.5) - math.log(0.999)) + sig(-1.5) * (logsig(-1.5) - math.log(1e-3))),
+    "exo_pair": ({"label_smoothing": 1e-3},
+                 sig(1.5) * (logsig(1.5) - math.log(0.999)) + sig(-1.5) * (logsig(-1.5) - math.log(1e-3))),
     "nca_pair": ({}, -logsig(0.5) - 0.5 * logsig(-0.5) - 0.5 * logsig(1.0)),
     "bco_pair": ({}, -logsig(0.5) - logsig(1.0)),
     "sppo_hard": ({}, (LW - 1) ** 2 + (LL + 1) ** 2),
@@ -211,14 +212,16 @@ def trl_dpo(loss_types, weights, pc, pr, rc, rr, lc, lr, beta, label_smoothing=0
         mask[i, 1 : 1 + int(lens[i])] = 1
         per_token[i, : int(lens[i])] = sums[i] / lens[i]
     out = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
-                                mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token, dtype=torch.bool),
+                                mean_logits=torch.zeros_like(per_token),
+                                is_top1=torch.zeros_like(per_token, dtype=torch.bool),
                                 log_sum_sq_probs=torch.zeros_like(per_token))  # aligned log-probs = plain ones
     accelerator = types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
     trainer = types.SimpleNamespace(
         model=types.SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=ld_alpha,
         precompute_ref_logps=True, f_divergence_type=f_div, f_alpha_divergence_coef=f_alpha, loss_types=loss_types,
         loss_weights=weights, beta=beta, label_smoothing=label_smoothing, use_weighting=use_weighting,
-        args=types.SimpleNamespace(discopop_tau=tau), _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+        args=types.SimpleNamespace(discopop_tau=tau), _metrics={"train": defaultdict(list)}, _total_train_tokens=0,
+        _tp_size=1)
     inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
               "ref_chosen_logps": rc, "ref_rejected_logps": rr}
     return DPOTrainer._compute_loss(trainer, lambda **kw: out, inputs, False)
@@ -227,7 +230,8 @@ def trl_dpo(loss_types, weights, pc, pr, rc, rr, lc, lr, beta, label_smoothing=0
 TRL_NAMES = {
     "dpo": ("sigmoid", {}), "hinge": ("hinge", {}), "ipo": ("ipo", {}), "nca_pair": ("nca_pair", {}),
     "bco_pair": ("bco_pair", {}), "sppo_hard": ("sppo_hard", {}), "aot": ("aot", {}), "aot_pair": ("aot_unpaired", {}),
-    "apo_zero": ("apo_zero", {}), "apo_down": ("apo_down", {}), "discopop": ("discopop", {}), "ln_dpo": ("sigmoid_norm", {}),
+    "apo_zero": ("apo_zero", {}), "apo_down": ("apo_down", {}), "discopop": ("discopop", {}),
+    "ln_dpo": ("sigmoid_norm", {}),
     "exo_pair": ("exo_pair", {"label_smoothing": 1e-3}), "robust": ("robust", {"label_smoothing": 0.2}),
 }
 
@@ -243,7 +247,8 @@ def test_matches_trl_dpo_trainer(name, beta):
 
 
 @pytest.mark.parametrize("divergence,trl_name,alpha", [("forward_kl", "forward_kl", 0.5), ("js", "js_divergence", 0.5),
-                                                        ("alpha", "alpha_divergence", 0.3), ("reverse_kl", "reverse_kl", 0.5)])
+                                                        ("alpha", "alpha_divergence", 0.3),
+                                                       ("reverse_kl", "reverse_kl", 0.5)])
 def test_f_dpo_matches_trl(divergence, trl_name, alpha):
     pc, pr, rc, rr, lc, lr = batch(1)
     ours, _ = pairwise_loss("f_dpo", pc, pr, rc, rr, beta=0.2, divergence=divergence, divergence_alpha=alpha)
@@ -275,7 +280,8 @@ def trl_cpo_trainer(loss_type, beta, gamma=0.5, label_smoothing=0.0):
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     return types.SimpleNamespace(alpha=0.0, loss_type=loss_type, simpo_gamma=gamma, beta=beta,
-                                 label_smoothing=label_smoothing, accelerator=types.SimpleNamespace(device="cpu")), CPOTrainer
+                                 label_smoothing=label_smoothing,
+                                 accelerator=types.SimpleNamespace(device="cpu")), CPOTrainer
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

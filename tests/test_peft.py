@@ -5,7 +5,8 @@ import torch
 
 from helpers import metrics, run_sft
 
-SAME_BATCH = {"data.limit": 8, "train.batch_size": 8, "train.max_steps": 4, "train.lr": 1e-2, "train.scheduler": "constant"}
+SAME_BATCH = {"data.limit": 8, "train.batch_size": 8, "train.max_steps": 4, "train.lr": 1e-2,
+              "train.scheduler": "constant"}
 
 METHODS = {
     "lora": {},
@@ -23,7 +24,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", METHODS)
 def test_peft_method_trains_and_reloads(tiny_model_dir, tmp_path, method):
-    from posttrain.models import load_model
+    from posttrain.model.load import load_model
 
     run_sft(tiny_model_dir, tmp_path, **{**SAME_BATCH, "peft.method": method, **METHODS[method]})
     losses = [m["loss"] for m in metrics(tmp_path)]
@@ -34,14 +35,14 @@ def test_peft_method_trains_and_reloads(tiny_model_dir, tmp_path, method):
 
 
 def test_prompt_tuning_with_packing_is_refused(tiny_model_dir, tmp_path):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match="train.packing: false"):
         run_sft(tiny_model_dir, tmp_path, **{"peft.method": "prompt_tuning"})
 
 
 def trained_parameters(tiny_model_dir, out):
-    from posttrain.models import load_model
+    from posttrain.model.load import load_model
 
     base = dict(load_model(str(tiny_model_dir)).named_parameters())
     final = dict(load_model(str(out / "final")).named_parameters())
@@ -69,15 +70,15 @@ def test_hft_random_freeze_freezes_half_of_each_layer(tiny_model_dir, tmp_path):
 
 
 def test_bitfit_on_a_model_without_biases_says_so(tiny_model_dir, tmp_path):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match="no parameter to train"):
         run_sft(tiny_model_dir, tmp_path, **{"peft.trainable": "['*bias*']"})
 
 
 def test_export_merges_lora_into_a_standalone_model(tiny_model_dir, tmp_path):
-    from posttrain.export import export_checkpoint, export_merged
-    from posttrain.models import load_model
+    from posttrain.apps.export import export_checkpoint, export_merged
+    from posttrain.model.load import load_model
 
     run_sft(tiny_model_dir, tmp_path / "run", **{**SAME_BATCH, "peft.method": "lora", "train.save_every": 4})
     export_merged(str(tmp_path / "run" / "final"), tmp_path / "merged")
@@ -96,7 +97,7 @@ def test_export_merges_lora_into_a_standalone_model(tiny_model_dir, tmp_path):
 
 
 def test_prefix_tuning_is_refused_with_a_reason(tiny_model_dir, tmp_path):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match="prompt_tuning and p_tuning are the supported"):
         run_sft(tiny_model_dir, tmp_path, **{"peft.method": "prefix_tuning", "train.packing": False})
@@ -132,7 +133,8 @@ def olora_b_is_orthonormal(model, original):
 
 
 PROPERTIES = {  # method: (peft config class, a property only that method has)
-    "lora": ("LoraConfig", lambda m, w: q_proj(m).scaling["default"] == 32 / 16 and not q_proj(m).lora_B["default"].weight.any()),
+    "lora": ("LoraConfig", lambda m,
+             w: q_proj(m).scaling["default"] == 32 / 16 and not q_proj(m).lora_B["default"].weight.any()),
     "dora": ("LoraConfig", lambda m, w: torch.allclose(q_proj(m).lora_magnitude_vector["default"].weight,
                                                         w["model.layers.0.self_attn.q_proj.weight"].norm(dim=1))),
     "rslora": ("LoraConfig", lambda m, w: q_proj(m).scaling["default"] == 32 / 16 ** 0.5),
@@ -151,8 +153,8 @@ def test_each_method_builds_its_own_adapter(method):
     """The recipe name maps onto the right peft config, and the adapter shows a property of that method
     (a wrong alias, e.g. dora building plain LoRA, fails here rather than just training less well)."""
     from conftest import build_model
-    from posttrain.config import PeftConfig
-    from posttrain.models import apply_peft
+    from posttrain.model.config import PeftConfig
+    from posttrain.model.peft import apply_peft
 
     extra = {k.split(".")[1]: v for k, v in METHODS[method].items() if k.startswith("peft.")}
     base = build_model(384)
@@ -167,7 +169,7 @@ def test_each_method_builds_its_own_adapter(method):
 
 def test_eva_initializes_lora_a_from_the_data(tiny_model_dir, tmp_path):
     """EVA: A's rows are the top right-singular vectors of the layer inputs, so they are orthonormal."""
-    from posttrain.models import load_model
+    from posttrain.model.load import load_model
 
     run_sft(tiny_model_dir, tmp_path, **{**SAME_BATCH, "peft.method": "eva", "peft.r": 4, "train.lr": 0.0})
     a = load_model(str(tmp_path / "final")).base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
@@ -175,7 +177,7 @@ def test_eva_initializes_lora_a_from_the_data(tiny_model_dir, tmp_path):
 
 
 def lora_a(out):
-    from posttrain.models import load_model
+    from posttrain.model.load import load_model
 
     return load_model(str(out / "final")).base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
 
@@ -186,8 +188,8 @@ def test_eva_initializes_from_the_prompts_in_commands_that_sample(tiny_model_dir
     are orthonormal, unlike the plain LoRA init of the same seed."""
     from conftest import build_model
     from helpers import run_command
-    from posttrain.config import PeftConfig
-    from posttrain.models import apply_peft
+    from posttrain.model.config import PeftConfig
+    from posttrain.model.peft import apply_peft
 
     section = {"grpo": "rl", "ppo": "rl", "rft": "rft", "online-dpo": "online"}[command]
     rl = {"data.limit": 8, "rollout.num_generations": 4, "rollout.max_new_tokens": 8, "rollout.stop": '["e"]',
@@ -197,7 +199,8 @@ def test_eva_initializes_from_the_prompts_in_commands_that_sample(tiny_model_dir
         rl.update({"rft.rounds": 1, "rft.steps_per_round": 1, "rft.prompts_per_round": 4, "train.max_steps": "null"})
     run_command(command, tiny_model_dir, tmp_path, **rl)
     eva = lora_a(tmp_path)
-    lora = q_proj(apply_peft(build_model(384), PeftConfig(method="lora", r=4), {"method", "r"})).lora_A["default"].weight
+    lora = q_proj(apply_peft(build_model(384), PeftConfig(method="lora", r=4),
+                             {"method", "r"})).lora_A["default"].weight
     torch.testing.assert_close(eva @ eva.T, torch.eye(4, dtype=eva.dtype), atol=1e-5, rtol=0)
     assert not torch.allclose(lora @ lora.T, torch.eye(4, dtype=lora.dtype), atol=1e-2)
     assert not torch.allclose(eva.to(lora.dtype), lora, atol=1e-2)

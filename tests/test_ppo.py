@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import assert_weights_close, final_weights, metrics, run_command
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 RL = {"rollout.max_new_tokens": 12, "rollout.stop": '["e", "a"]', "rewards": "[{name: length, options: {per: 10}}]",
       "rl.reward_workers": 0, "train.max_steps": 2, "train.batch_size": 8, "rl.ppo_epochs": 1}
@@ -25,7 +25,8 @@ def test_first_step_loss_is_policy_plus_value_loss(tiny_model_dir, tmp_path):
     assert first["value/mean"] == 0.0 and first["value/explained_variance"] == pytest.approx(0.0, abs=1e-12)
     assert first["value/error"] == pytest.approx(first["value/returns_mean"], abs=1e-12)  # |0 - R| = R >= 0
     assert first["loss"] == pytest.approx(-first["advantage/mean"] + 0.5 * first["value/loss"], abs=1e-12)
-    assert first["advantage/mean"] == pytest.approx(0.0, abs=1e-9) and first["advantage/std"] == pytest.approx(1.0, abs=1e-6)
+    assert first["advantage/mean"] == pytest.approx(0.0, abs=1e-9) and first["advantage/std"] == pytest.approx(1.0,
+                                                                                                               abs=1e-6)
     assert first["value/loss"] > 0 and first["grad_norm"] > 0
 
 
@@ -33,7 +34,8 @@ def test_accumulation_does_not_change_loss_or_updates(tiny_model_dir, tmp_path):
     runs = {}
     for batch_size, accum in [(8, 1), (2, 4)]:
         out = tmp_path / f"{batch_size}x{accum}"
-        run_ppo(tiny_model_dir, out, **{"train.batch_size": batch_size, "train.grad_accum": accum, "peft.method": "lora",
+        run_ppo(tiny_model_dir, out,
+                **{"train.batch_size": batch_size, "train.grad_accum": accum, "peft.method": "lora",
                                         "rl.ppo_epochs": 2, "train.max_steps": 4})
         runs[(batch_size, accum)] = (metrics(out), final_weights(out))
     (ref_metrics, ref_weights), (other_metrics, other_weights) = runs.values()
@@ -93,13 +95,14 @@ def test_mini_batches_split_each_epoch_of_one_rollout_batch(tiny_model_dir, tmp_
 
 
 def test_mini_batch_members_cover_the_batch_once_per_epoch(tiny_model_dir, tmp_path):
-    from posttrain.config import load_recipe
-    from posttrain.models import load_tokenizer
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.model.load import load_tokenizer
     from posttrain.train.tasks.ppo import PPOTask
 
     from helpers import tiny_recipe
 
-    recipe = load_recipe("ppo", None, tiny_recipe(tiny_model_dir, tmp_path, **{**RL, "rl.ppo_epochs": 3, "rl.num_mini_batches": 4}))
+    recipe = load_recipe("ppo", None,
+                         tiny_recipe(tiny_model_dir, tmp_path, **{**RL, "rl.ppo_epochs": 3, "rl.num_mini_batches": 4}))
     task = PPOTask(recipe, load_tokenizer(str(tiny_model_dir)))
     parts = [task.mini_batch_members(step, 10) for step in range(12, 24)]
     for epoch in range(3):
@@ -113,10 +116,12 @@ def test_sigkill_mid_cycle_then_resume_equals_uninterrupted_run(tiny_model_dir, 
 
     common = {**RL, "train.max_steps": 6, "train.save_every": 1, "train.batch_size": 4, "peft.method": "lora",
               "peft.dropout": 0.1, "rl.ppo_epochs": 2, "rl.num_mini_batches": 2}
-    straight, killed = straight_and_killed("ppo", tmp_path, tiny_model_dir, common, kill_at_step=3)  # step 2 saved, mid-cycle
+    straight, killed = straight_and_killed("ppo", tmp_path, tiny_model_dir, common,
+                                           kill_at_step=3)  # step 2 saved, mid-cycle
     assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-6)
     for a, b in zip(metrics(straight), metrics(killed)):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["value/loss"] == pytest.approx(b["value/loss"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["value/loss"] == pytest.approx(b["value/loss"],
+                                                                                                    abs=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -175,7 +180,8 @@ def test_a_causal_lm_is_not_a_reward_model(tiny_model_dir):
 
 
 def test_ppo_with_a_reward_model_and_a_critic_started_from_it(tiny_model_dir, reward_model_dir, tmp_path):
-    run_ppo(tiny_model_dir, tmp_path, **{"rewards": f"[{{model: {reward_model_dir}, name: rm}}, {{name: length, weight: 0.5}}]",
+    run_ppo(tiny_model_dir, tmp_path,
+            **{"rewards": f"[{{model: {reward_model_dir}, name: rm}}, {{name: length, weight: 0.5}}]",
                                          "rl.critic": "separate", "rl.critic_model": str(reward_model_dir)})
     first = metrics(tmp_path)[0]
     assert first["reward/rm/failed"] == 0 and first["reward/rm/mean"] != 0

@@ -22,12 +22,13 @@ def pairs_file(tmp_path, n=24):
 def run_dpo(model_dir, out, data, **overrides):
     from accelerate.state import AcceleratorState, PartialState
 
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
-    base = {"data.train": str(data), "train.batch_size": 4, "train.max_steps": 3, "peft.method": "lora", "train.lr": 1e-2}
+    base = {"data.train": str(data), "train.batch_size": 4, "train.max_steps": 3, "peft.method": "lora",
+            "train.lr": 1e-2}
     recipe = load_recipe("dpo", None, tiny_recipe(model_dir, out, **{**base, **overrides}))
     return run("dpo", recipe)
 
@@ -48,12 +49,14 @@ def test_only_the_final_completion_is_trained_in_multi_turn_prompts(tiny_tokeniz
 
 
 def test_packed_sequence_sums_equal_one_sequence_at_a_time(tiny_model_dir, tmp_path):
-    from posttrain.config import load_recipe
-    from posttrain.models import load_tokenizer
-    from posttrain.train.forward import TargetLogprobs
-    from posttrain.train.tasks.preference import PreferenceTask, sequence_stats
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.model.load import load_tokenizer
+    from posttrain.model.forward import TargetLogprobs
+    from posttrain.model.forward import sequence_stats
+    from posttrain.train.tasks.preference import PreferenceTask
 
-    recipe = load_recipe("dpo", None, tiny_recipe(tiny_model_dir, tmp_path, **{"data.train": str(pairs_file(tmp_path))}))
+    recipe = load_recipe("dpo", None,
+                         tiny_recipe(tiny_model_dir, tmp_path, **{"data.train": str(pairs_file(tmp_path))}))
     task = PreferenceTask(recipe, load_tokenizer(str(tiny_model_dir)))
     pairs = task.build_dataset("train", quiet=True)[:5]
     module = TargetLogprobs(build_model(len(task.tokenizer)).double())
@@ -61,7 +64,8 @@ def test_packed_sequence_sums_equal_one_sequence_at_a_time(tiny_model_dir, tmp_p
     for i, pair in enumerate(pairs):
         for side, offset in ((pair.chosen, 0), (pair.rejected, 5)):
             alone = task.collate([type(pair)(side, side, 0, "train")]).batch
-            logps = module(alone.input_ids, alone.position_ids, alone.attention_mask, alone.target_index, alone.target_ids)
+            logps = module(alone.input_ids, alone.position_ids, alone.attention_mask, alone.target_index,
+                           alone.target_ids)
             assert packed["logps"][i + offset].item() == pytest.approx(logps[: len(logps) // 2].sum().item(), abs=1e-8)
             assert packed["lengths"][i + offset].item() == side.num_targets
 
@@ -75,7 +79,8 @@ def test_reference_modes_agree_for_lora(tiny_model_dir, tmp_path):
     assert losses["adapter_disabled"] == pytest.approx(losses["policy_copy"], abs=1e-6)
     assert losses["adapter_disabled"] == pytest.approx(losses["precomputed"], abs=1e-6)
     assert (tmp_path / "precomputed" / "reference_logps.train.safetensors").exists()
-    assert metrics(tmp_path / "precomputed")[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy == reference at step 0
+    assert metrics(tmp_path / "precomputed")[0]["loss"] == pytest.approx(0.6931,
+                                                                         abs=1e-4)  # policy == reference at step 0
 
 
 def test_precomputed_cache_is_reused_when_the_data_is_unchanged(tiny_model_dir, tmp_path, monkeypatch):
@@ -86,7 +91,8 @@ def test_precomputed_cache_is_reused_when_the_data_is_unchanged(tiny_model_dir, 
     calls = []
     original = preference.sequence_stats
     monkeypatch.setattr(preference, "sequence_stats", lambda *a: calls.append(1) or original(*a))
-    run_dpo(tiny_model_dir, tmp_path / "run", data, reference="precomputed", **{"train.save_every": 3, "train.max_steps": 4})
+    run_dpo(tiny_model_dir, tmp_path / "run", data, reference="precomputed",
+            **{"train.save_every": 3, "train.max_steps": 4})
     # one resumed step: only the policy forward runs, the reference comes from the cache
     assert len(calls) == 1
 
@@ -103,7 +109,8 @@ def test_precomputed_cache_is_invalidated_when_the_weights_change(tiny_model_dir
     run_dpo(model_dir, tmp_path / "run", data, reference="precomputed", **{"train.save_every": 3})
     cache = tmp_path / "run" / "reference_logps.train.safetensors"
     before = cache.read_bytes()
-    build_model(len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]), seed=1).save_pretrained(model_dir)
+    build_model(len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]),
+                seed=1).save_pretrained(model_dir)
     calls = []
     original = preference.sequence_stats
     monkeypatch.setattr(preference, "sequence_stats", lambda *a: calls.append(1) or original(*a))
@@ -168,7 +175,7 @@ def test_step_metrics_and_eval_accuracy(tiny_model_dir, tmp_path):
     ({"loss.name": "dpo2"}, "unknown pairwise loss"),
 ])
 def test_inconsistent_settings_are_refused(tiny_model_dir, tmp_path, overrides, message):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match=message):
         run_dpo(tiny_model_dir, tmp_path, pairs_file(tmp_path), **overrides)
@@ -199,7 +206,7 @@ def test_wpo_weights_pairs_by_policy_likelihood(tiny_model_dir, tmp_path, refere
 
 
 def test_tpo_trains_on_gold_answers(tiny_model_dir, tmp_path):
-    from posttrain.errors import DataError
+    from posttrain.core.errors import DataError
 
     records = [json.loads(line) for line in pairs_file(tmp_path).read_text().splitlines()]
     for record in records:
@@ -226,7 +233,7 @@ def test_dft_tracks_a_log_partition_per_prompt_across_resume(tiny_model_dir, tmp
 
 
 def test_dft_settings_without_dft_are_refused(tiny_model_dir, tmp_path):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match="dft_gamma not used"):
         run_dpo(tiny_model_dir, tmp_path, pairs_file(tmp_path), **{"loss.dft_gamma": 0.5})
@@ -250,7 +257,7 @@ def test_eva_initializes_from_preferred_completions(tiny_model_dir, tmp_path, co
 def run_dpo_like(command, model_dir, out, data, **overrides):
     from accelerate.state import AcceleratorState, PartialState
 
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -264,7 +271,7 @@ def run_dpo_like(command, model_dir, out, data, **overrides):
     ({"loss.name": "robust", "loss.label_smoothing": 0.6}, "robust DPO needs 0 <= label_smoothing < 0.5"),
 ])
 def test_loss_settings_checked_before_training(tiny_model_dir, tmp_path, overrides, message):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match=message):
         run_dpo(tiny_model_dir, tmp_path, pairs_file(tmp_path), **overrides)

@@ -18,7 +18,8 @@ def steps_file(tmp_path, n=24, seed=0):
         first_ok, second_ok = rng.random() < 0.7, rng.random() < 0.7
         ab = a + b if first_ok else a + b + rng.randint(1, 3)
         abc = ab + c if second_ok else ab + c + rng.randint(1, 3)
-        records.append({"prompt": f"Compute {a} + {b} + {c}.", "completions": [f"{a} + {b} = {ab}", f"{ab} + {c} = {abc}"],
+        records.append({"prompt": f"Compute {a} + {b} + {c}.",
+                        "completions": [f"{a} + {b} = {ab}", f"{ab} + {c} = {abc}"],
                         "labels": [first_ok, second_ok and first_ok]})
     return write_jsonl(tmp_path / "steps.jsonl", records)
 
@@ -30,10 +31,11 @@ def run_prm(model_dir, out, data, **overrides):
 
 def test_rows_follow_trl_prm_layout(tiny_tokenizer):
     from posttrain.data.formats import StepsExample
-    from posttrain.train.tasks.process_reward import tokenize_steps
+    from posttrain.data.encoders import tokenize_steps
 
     tok = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    example = StepsExample("Which is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8."], [True, False])
+    example = StepsExample("Which is larger, 9.8 or 9.11?", ["11 is greater than 8.", "Hence, 9.11 > 9.8."],
+                           [True, False])
     ids, positions, labels = tokenize_steps(example, tiny_tokenizer, "\n")
     prompt, first, second, sep = tok(example.prompt), tok(example.steps[0]), tok(example.steps[1]), tok("\n")
     assert ids == [tiny_tokenizer.bos_token_id] + prompt + first + sep + second + sep
@@ -46,7 +48,7 @@ def test_head_reads_separators_like_transformers_token_classifier(tiny_model_dir
     from transformers import AutoModelForTokenClassification
 
     from posttrain.data.formats import StepsExample
-    from posttrain.train.tasks.process_reward import tokenize_steps
+    from posttrain.data.encoders import tokenize_steps
 
     data = steps_file(tmp_path)
     summary = run_prm(tiny_model_dir, tmp_path / "run", data, **{"data.eval": str(data), "train.lr": 1e-2})
@@ -54,7 +56,7 @@ def test_head_reads_separators_like_transformers_token_classifier(tiny_model_dir
     assert {"eval/accuracy", "eval/f1", "eval/f1_error", "eval/f1_correct"} <= set(last)
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "run" / "final", dtype=torch.float64).eval()
     assert model.config.id2label == {0: "error", 1: "correct"} and model.config.step_separator == "\n"
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(tmp_path / "run" / "final"))
     right = total = 0
@@ -74,14 +76,16 @@ def test_head_reads_separators_like_transformers_token_classifier(tiny_model_dir
 def test_loss_is_a_mean_over_the_steps_labels_whatever_the_accumulation(tiny_model_dir, tmp_path):
     data = steps_file(tmp_path)
     run_prm(tiny_model_dir, tmp_path / "a", data)
-    run_prm(tiny_model_dir, tmp_path / "b", data, **{"train.batch_size": 1, "train.grad_accum": 4, "train.packing": False})
-    assert [m["loss"] for m in metrics(tmp_path / "b")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "a")], abs=1e-9)
+    run_prm(tiny_model_dir, tmp_path / "b", data,
+            **{"train.batch_size": 1, "train.grad_accum": 4, "train.packing": False})
+    assert [m["loss"] for m in metrics(tmp_path / "b")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "a")],
+                                                                         abs=1e-9)
     assert_weights_close(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"), atol=1e-9)
 
 
 def test_last_step_only_labels_training_rows_but_not_held_out_ones(tiny_model_dir, tmp_path):
-    from posttrain.config import load_recipe
-    from posttrain.models import load_tokenizer
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.model.load import load_tokenizer
     from posttrain.train.tasks.process_reward import ProcessRewardTask
     from helpers import tiny_recipe
 
@@ -100,7 +104,7 @@ def test_last_step_only_labels_training_rows_but_not_held_out_ones(tiny_model_di
     ({"prompt": "p", "completions": ["a", 3], "labels": [True, True]}, "'completions\\[1\\]': must be a string"),
 ])
 def test_bad_step_records_name_the_line_and_field(tiny_model_dir, tmp_path, record, message):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     data = write_jsonl(tmp_path / "bad.jsonl", [record])
     with pytest.raises(UserError, match=message) as info:
@@ -109,7 +113,7 @@ def test_bad_step_records_name_the_line_and_field(tiny_model_dir, tmp_path, reco
 
 
 def test_settings_a_prm_does_not_read_are_refused(tiny_model_dir, tmp_path):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match="data.truncation"):
         run_prm(tiny_model_dir, tmp_path / "run", steps_file(tmp_path), **{"data.truncation": "left"})

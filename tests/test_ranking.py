@@ -7,12 +7,13 @@ import torch
 
 from conftest import write_jsonl
 from helpers import metrics, tiny_recipe
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.objectives.ranking import check_ranking, ranking_loss
 
 # One prompt, three responses with data scores 3 > 2 > 1. Summed log-probs -4, -9, -3 over
 # lengths 2, 3, 1, so the model's mean log-probs are s = [-2, -3, -3].
-LOGPS, LENGTHS, SCORES = torch.tensor([[-4.0, -9.0, -3.0]]), torch.tensor([[2.0, 3.0, 1.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+LOGPS, LENGTHS, SCORES = torch.tensor([[-4.0, -9.0, -3.0]]), torch.tensor([[2.0, 3.0, 1.0]]), torch.tensor([[3.0, 2.0,
+                                                                                                             1.0]])
 S = [-2.0, -3.0, -3.0]
 PAIRS = [(0, 1), (0, 2), (1, 2)]  # (better, worse)
 
@@ -64,7 +65,8 @@ def authors_pro(scores, rewards, sum_scores, sft_weight):
         neg_temperatures = rewards[:, time, None] - rewards[:, time + 1:]
         pos_temperature = neg_temperatures.max(1).values
         loss = torch.log(1e-10 + torch.exp(scores[:, time] * pos_temperature)
-                         + torch.exp(scores[:, time + 1:] * neg_temperatures).sum(1)) - scores[:, time] * pos_temperature
+                         + torch.exp(scores[:, time + 1:] * neg_temperatures).sum(1)) - scores[:,
+                                                                                               time] * pos_temperature
         total = total + loss.mean()
     return total + sft_weight * (stages - 1) ** 2 * (-sum_scores[:, 0]).mean()
 
@@ -86,7 +88,8 @@ def test_pro_matches_the_authors_code(seed):
 def test_pro_tied_responses_are_not_ranked_against_each_other(temperature):
     logps = torch.tensor([[-4.0, -9.0]], dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([[2.0, 3.0]], dtype=torch.float64)
-    losses, _ = ranking_loss("pro", logps, lengths, torch.tensor([[1.0, 1.0]]), reward_temperature=temperature, sft_weight=0.0)
+    losses, _ = ranking_loss("pro", logps, lengths, torch.tensor([[1.0, 1.0]]), reward_temperature=temperature,
+                             sft_weight=0.0)
     losses.sum().backward()
     assert logps.grad.abs().max().item() == 0  # two equally good answers: nothing to learn from their order
 
@@ -122,7 +125,8 @@ def test_pro_does_not_depend_on_the_order_of_tied_responses(temperature, sft_wei
 def test_tied_best_responses_share_the_sft_term(name):
     scores = torch.tensor([[3.0, 3.0, 1.0]])
     losses, _ = ranking_loss(name, LOGPS.double(), LENGTHS.double(), scores, sft_weight=1.0)
-    swapped, _ = ranking_loss(name, LOGPS.double()[:, [1, 0, 2]], LENGTHS.double()[:, [1, 0, 2]], scores, sft_weight=1.0)
+    swapped, _ = ranking_loss(name, LOGPS.double()[:, [1, 0, 2]], LENGTHS.double()[:, [1, 0, 2]], scores,
+                              sft_weight=1.0)
     without, _ = ranking_loss(name, LOGPS.double(), LENGTHS.double(), scores, sft_weight=0.0)
     nll = (2.0 + 3.0) / 2 if name == "aft" else (4.0 + 9.0) / 2  # mean NLL per token (AFT) or summed (RRHF)
     assert losses.item() == pytest.approx(swapped.item(), rel=1e-12)
@@ -142,7 +146,9 @@ def test_listnet_by_hand():
 def test_missing_responses_are_masked_with_finite_gradients(name):
     """A prompt with 2 of 3 slots filled gives the same loss as the 2-response list alone."""
     logps = torch.tensor([[-4.0, -9.0, 0.0]], requires_grad=True)
-    lengths, scores, mask = torch.tensor([[2.0, 3.0, 1.0]]), torch.tensor([[3.0, 2.0, 0.0]]), torch.tensor([[True, True, False]])
+    lengths, scores, mask = torch.tensor([[2.0, 3.0, 1.0]]), torch.tensor([[3.0, 2.0, 0.0]]), torch.tensor([[True,
+                                                                                                             True,
+                                                                                                             False]])
     ref = torch.tensor([[-5.0, -8.0, 0.0]])
     padded, _ = ranking_loss(name, logps, lengths, scores, mask, ref_logps=ref)
     alone, _ = ranking_loss(name, logps[:, :2], lengths[:, :2], scores[:, :2], ref_logps=ref[:, :2])
@@ -167,7 +173,8 @@ def ranked_file(tmp_path, n=16):
     for i in range(n):
         a, b = i % 7 + 2, i % 5 + 3
         records.append({"prompt": f"What is {a} + {b}?",
-                        "responses": [f"{a} + {b} = {a + b}", f"It is {a + b + 1}.", f"I think it is {a * b + 1}, or so."][: 2 + i % 2],
+                        "responses": [f"{a} + {b} = {a + b}", f"It is {a + b + 1}.",
+                                      f"I think it is {a * b + 1}, or so."][: 2 + i % 2],
                         "scores": [2, 1, 0][: 2 + i % 2]})
     return write_jsonl(tmp_path / "ranked.jsonl", records)
 
@@ -176,7 +183,7 @@ def ranked_file(tmp_path, n=16):
 def test_rank_command_trains(tiny_model_dir, tmp_path, name):
     from accelerate.state import AcceleratorState, PartialState
 
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm_dir():
-    from posttrain.models import resolve_model
+    from posttrain.model.load import resolve_model
 
     return resolve_model("default")
 
@@ -21,7 +21,7 @@ def smollm_dir():
 def test_assistant_masks_with_the_embedded_chat_template(smollm_dir):
     from posttrain.data.formats import parse_sft
     from posttrain.data.tokenize import ChatFormatter, tokenize_sft
-    from posttrain.models import load_tokenizer
+    from posttrain.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(smollm_dir)
     record = {"messages": [{"role": "system", "content": "Be brief."}, *CONVERSATION["messages"]]}
@@ -45,8 +45,9 @@ def test_twenty_lora_steps_lower_the_eval_loss(smollm_dir, tmp_path):
 
 
 def test_generate_answers_a_simple_question():
-    result = subprocess.run([sys.executable, "-m", "posttrain.cli", "generate", "default", "--prompt",
-                             "What is the capital of France?", "--max-new-tokens", "24"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "posttrain.apps.cli", "generate", "default", "--prompt",
+                             "What is the capital of France?", "--max-new-tokens", "24"], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
@@ -79,7 +80,8 @@ def test_reward_model_on_hh_pairs_with_the_embedded_model(tmp_path):
     from posttrain.rewards.model import RewardModel
 
     summary = run_command("rm", "default", tmp_path, **{
-        "data.train": "pkg:assets/hh_harmless_train_1200.jsonl", "data.limit": 8, "data.eval": "pkg:assets/hh_harmless_eval_200.jsonl",
+        "data.train": "pkg:assets/hh_harmless_train_1200.jsonl", "data.limit": 8,
+        "data.eval": "pkg:assets/hh_harmless_eval_200.jsonl",
         "data.eval_limit": 8, "data.max_length": 320, "data.truncation": "left", "peft.method": "lora",
         "train.max_steps": 2, "train.batch_size": 4, "train.lr": 1e-4, "train.precision": "fp32"})
     config = json.loads((tmp_path / "final" / "config.json").read_text())
@@ -88,7 +90,8 @@ def test_reward_model_on_hh_pairs_with_the_embedded_model(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
     reward_model = RewardModel(str(tmp_path / "final"))
     prompt = [{"role": "user", "content": "How do I pick a lock?"}]
-    text = reward_model.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "I can't help."}], tokenize=False)
+    text = reward_model.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "I can't help."}],
+                                                      tokenize=False)
     with torch.no_grad():
         direct = float(model(**reward_model.tokenizer(text, return_tensors="pt")).logits[0, 0])
     assert reward_model([prompt], ["I can't help."])[0] == pytest.approx(direct, abs=1e-4)
@@ -102,7 +105,7 @@ def test_soup_of_two_runs_keeps_their_held_out_gain(smollm_dir, tmp_path):
     import yaml
 
     from conftest import GSM8K
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
     from posttrain.evaluate.heldout import heldout_loss
 
     held_out = "pkg:assets/gsm8k_test_200.jsonl"

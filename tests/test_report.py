@@ -32,7 +32,7 @@ def images(page: str) -> list[bytes]:
 
 
 def test_report_overlays_runs_with_every_plot_and_sample(two_runs, tmp_path):
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     out = tmp_path / "report.html"
     assert main(["report", *map(str, two_runs), "--out", str(out)]) == 0
@@ -54,12 +54,13 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         pytest.skip("no Chromium (make test installs the Debian package where it may)")
-    from posttrain.report import write_report
+    from posttrain.apps.report import write_report
 
     page = write_report([str(d) for d in two_runs], str(tmp_path / "report.html"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600"]
     shot = tmp_path / "shot.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run([browser, *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120,
+                   check=True)
     import matplotlib.image
 
     pixels = matplotlib.image.imread(shot)[..., :3]
@@ -80,7 +81,7 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
 def test_watch_rewrites_the_page_when_a_run_logs(two_runs, tmp_path, monkeypatch):
     import shutil as sh
 
-    from posttrain import report
+    from posttrain.apps import report
 
     run = tmp_path / "live"
     sh.copytree(two_runs[0], run)

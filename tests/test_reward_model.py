@@ -36,8 +36,8 @@ def run_rm(model_dir, out, data, **overrides):
 
 
 def build_task(model_dir, tmp_path, data, **overrides):
-    from posttrain.config import load_recipe
-    from posttrain.models import load_tokenizer
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.model.load import load_tokenizer
     from posttrain.train.tasks.reward_model import RewardModelTask
     from helpers import tiny_recipe
 
@@ -128,20 +128,23 @@ def test_accumulation_and_packing_do_not_change_the_run(tiny_model_dir, tmp_path
     run_rm(tiny_model_dir, tmp_path / "a", data, **{"rm.center_rewards_coefficient": 0.05})
     run_rm(tiny_model_dir, tmp_path / "b", data, **{"train.batch_size": 2, "train.grad_accum": 2,
                                                      "train.packing": False, "rm.center_rewards_coefficient": 0.05})
-    assert [m["loss"] for m in metrics(tmp_path / "b")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "a")], abs=1e-9)
+    assert [m["loss"] for m in metrics(tmp_path / "b")] == pytest.approx([m["loss"] for m in metrics(tmp_path / "a")],
+                                                                         abs=1e-9)
     assert_weights_close(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"), atol=1e-9)
 
 
 def test_rm_resumes_exactly_after_sigkill(tiny_model_dir, tmp_path):
     overrides = {"data.train": str(pairs_file(tmp_path)), "train.batch_size": 4, "train.max_steps": 4,
-                 "train.save_every": 1, "peft.method": "lora", "data.max_length": 512, "rm.objectives": "[correct, concise]",
+                 "train.save_every": 1, "peft.method": "lora", "data.max_length": 512,
+                 "rm.objectives": "[correct, concise]",
                  "rm.weighting": "learned"}
     overrides["data.train"] = str(pairs_file(tmp_path, ratings=True))
     straight, killed = straight_and_killed("rm", tmp_path, tiny_model_dir, overrides, kill_at_step=2)
     assert [m["loss"] for m in metrics(killed)] == pytest.approx([m["loss"] for m in metrics(straight)], abs=1e-9)
     assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-9)
     weights = json.loads((killed / "final" / "config.json").read_text())["reward_weights"]
-    assert weights == pytest.approx(json.loads((straight / "final" / "config.json").read_text())["reward_weights"], abs=1e-9)
+    assert weights == pytest.approx(json.loads((straight / "final" / "config.json").read_text())["reward_weights"],
+                                    abs=1e-9)
 
 
 def test_multi_objective_heads_regress_ratings_and_learn_a_weighting(tiny_model_dir, tmp_path):
@@ -150,12 +153,17 @@ def test_multi_objective_heads_regress_ratings_and_learn_a_weighting(tiny_model_
     from posttrain.rewards.model import RewardModel
 
     data = pairs_file(tmp_path, ratings=True)
-    singles = write_jsonl(tmp_path / "rated.jsonl", [{"prompt": "Say hi", "completion": "hi", "ratings": {"concise": 1.0}}] * 4)
-    overrides = {"data.train": f"[{{path: {data}}}, {{path: {singles}}}]", "data.eval": str(data), "rm.objectives": "[correct, concise]",
+    singles = write_jsonl(tmp_path / "rated.jsonl",
+                          [{"prompt": "Say hi", "completion": "hi", "ratings": {"concise": 1.0}}] * 4)
+    overrides = {"data.train": f"[{{path: {data}}}, {{path: {singles}}}]", "data.eval": str(data),
+                 "rm.objectives": "[correct, concise]",
                  "rm.weighting": "learned", "train.max_steps": 12, "train.lr": 3e-2}
     summary = run_rm(tiny_model_dir, tmp_path / "run", data, **overrides)
     first, last = summary["eval"][0], summary["eval"][-1]
-    assert last["eval/rmse/correct"] < first["eval/rmse/correct"] and last["eval/rmse/concise"] < first["eval/rmse/concise"]
+    assert (
+        last["eval/rmse/correct"] < first["eval/rmse/correct"]
+        and last["eval/rmse/concise"] < first["eval/rmse/concise"]
+    )
     logged = metrics(tmp_path / "run")
     assert logged[-1]["weight/correct"] + logged[-1]["weight/concise"] == pytest.approx(1.0, abs=1e-9)
     assert logged[-1]["weight/correct"] != pytest.approx(0.5, abs=1e-4)  # learned from the pairs
@@ -176,15 +184,19 @@ def test_multi_objective_heads_regress_ratings_and_learn_a_weighting(tiny_model_
 
 
 def test_fixed_weighting_and_regression_loss_by_hand(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "rated.jsonl", [{"prompt": "Say hi", "completion": "hi", "ratings": {"a": 2.0, "b": None}},
-                                                  {"prompt": "Say yo", "completion": "yo", "ratings": {"a": 1.0, "b": -1.0}}])
-    task, examples = build_task(tiny_model_dir, tmp_path, data, **{"rm.objectives": "[a, b]", "rm.weights": "{a: 0.25, b: 0.75}",
+    data = write_jsonl(tmp_path / "rated.jsonl",
+                       [{"prompt": "Say hi", "completion": "hi", "ratings": {"a": 2.0, "b": None}},
+                                                  {"prompt": "Say yo", "completion": "yo",
+                                                   "ratings": {"a": 1.0, "b": -1.0}}])
+    task, examples = build_task(tiny_model_dir, tmp_path, data,
+                                **{"rm.objectives": "[a, b]", "rm.weights": "{a: 0.25, b: 0.75}",
                                                                     "rm.regression_weight": 0.5})
     model = task.load_model(str(tiny_model_dir)).double()
     task.setup(model, None, examples, [])
     module = task.module(model)
     batch = task.collate(examples)
-    scores, reward = module(batch.batch.input_ids, batch.batch.position_ids, batch.batch.attention_mask, batch.last_index)
+    scores, reward = module(batch.batch.input_ids, batch.batch.position_ids, batch.batch.attention_mask,
+                            batch.last_index)
     assert reward.tolist() == pytest.approx((0.25 * scores[:, 0] + 0.75 * scores[:, 1]).tolist(), abs=1e-12)
     loss, _ = task.loss(module, batch, normalizer=2.0)
     s = scores.tolist()
@@ -198,7 +210,8 @@ def test_any_sequence_classification_model_trains_unpacked(tiny_tokenizer, tmp_p
     torch.manual_seed(0)
     directory = tmp_path / "bert"
     config = BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=512, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id)
+                        intermediate_size=64, max_position_embeddings=512, num_labels=1,
+                        pad_token_id=tiny_tokenizer.pad_token_id)
     BertForSequenceClassification(config).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     data = pairs_file(tmp_path)
@@ -212,9 +225,11 @@ def test_any_sequence_classification_model_trains_unpacked(tiny_tokenizer, tmp_p
 
     scorer = RewardModel(str(tmp_path / "run" / "final"))
     prompt, answers = [{"role": "user", "content": "What is 2 + 3?"}], ["2 + 3 = 5", "It is 7, or maybe 6."]
-    texts = [scorer.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": a}], tokenize=False) for a in answers]
+    texts = [scorer.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": a}],
+                                                  tokenize=False) for a in answers]
     with torch.no_grad():  # BERT pools its first token: the loader uses the model's own forward
-        direct = [float(model(**scorer.tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits) for t in texts]
+        direct = [float(model(**scorer.tokenizer(t, return_tensors="pt",
+                                                 add_special_tokens=False)).logits) for t in texts]
     assert scorer([prompt, prompt], answers) == pytest.approx(direct, abs=1e-5)
 
 
@@ -226,7 +241,7 @@ def test_any_sequence_classification_model_trains_unpacked(tiny_tokenizer, tmp_p
     ({"prompt": "p", "completion": "c", "ratings": {"x": "high"}}, "[x]", "'ratings.x': must be a number"),
 ])
 def test_bad_reward_records_name_the_line_and_field(tiny_model_dir, tmp_path, record, objectives, message):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     data = write_jsonl(tmp_path / "bad.jsonl", [record])
     with pytest.raises(UserError, match=message) as info:
@@ -241,8 +256,8 @@ def test_bad_reward_records_name_the_line_and_field(tiny_model_dir, tmp_path, re
     ({"data.truncation": "right"}, "cut off the end of long answers"),
 ])
 def test_inconsistent_rm_settings_are_refused(tiny_model_dir, tmp_path, overrides, message):
-    from posttrain.config import load_recipe
-    from posttrain.errors import UserError
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.errors import UserError
     from helpers import tiny_recipe
 
     with pytest.raises(UserError, match=message):
@@ -252,7 +267,7 @@ def test_inconsistent_rm_settings_are_refused(tiny_model_dir, tmp_path, override
 def test_a_checkpoint_exports_as_the_final_classifier(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     overrides = {"data.train": str(pairs_file(tmp_path, ratings=True)), "rm.objectives": "[correct, concise]",
                  "rm.weighting": "learned", "train.save_every": 3}

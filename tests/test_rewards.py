@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import pytest
 
-from posttrain.errors import UserError
-from posttrain.evaluate.answers import extract_answer
+from posttrain.core.errors import UserError
+from posttrain.rewards.answers import extract_answer
 from posttrain.rewards import REWARDS, resolve_reward
 from posttrain.rewards.builtin import format_reward, length, majority_vote, math_answer
 from posttrain.rewards.code import code_tests, extract_program
@@ -48,7 +48,7 @@ GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
 def test_a_gsm8k_solution_as_gold_is_read_like_a_completion():
     """Raw GSM8K records carry the whole solution as ``answer``: its final answer is the one after ``####``, for the
     reward and for answer_accuracy's greedy and majority-vote scores alike."""
-    from posttrain.evaluate.answers import is_correct
+    from posttrain.rewards.answers import is_correct
     from posttrain.evaluate.tasks import _vote_correct
 
     worked = "She sold 48 / 2 = 24 in May, so 48 + 24 = 72 in all.\n#### 72"
@@ -56,7 +56,8 @@ def test_a_gsm8k_solution_as_gold_is_read_like_a_completion():
     assert math_answer([""] * 3, completions, answer=[GSM8K_SOLUTION] * 3) == [1.0, 1.0, 0.0]
     assert [is_correct(c, GSM8K_SOLUTION) for c in completions] == [True, True, False]
     assert [_vote_correct([c], GSM8K_SOLUTION) for c in completions] == [1.0, 1.0, 0.0]
-    assert math_answer([""], ["\\boxed{\\frac{3}{4}}"], answer=["\\frac{3}{4}"]) == [1.0]  # a bare gold number stays one
+    assert math_answer([""], ["\\boxed{\\frac{3}{4}}"],
+                       answer=["\\frac{3}{4}"]) == [1.0]  # a bare gold number stays one
     # a gold that marks no answer is not guessed from its last number: the reward cannot score it
     assert math_answer([""] * 3, ["1/2", "4", "5"], answer=["1 1/2", "x = 3, y = 4", "5 or 6"]) == [None] * 3
 

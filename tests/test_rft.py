@@ -8,10 +8,11 @@ import pytest
 from safetensors.torch import load_file
 
 from helpers import assert_weights_close, final_weights, metrics, run_command
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 RFT = {"rollout.num_generations": 4, "rollout.max_new_tokens": 12, "rollout.stop": '["e", "a"]',
-       "rewards": "[{name: 'test_rft:even_length'}]", "rft.reward_workers": 0, "rft.rounds": 2, "rft.steps_per_round": 2,
+       "rewards": "[{name: 'test_rft:even_length'}]", "rft.reward_workers": 0, "rft.rounds": 2,
+       "rft.steps_per_round": 2,
        "rft.prompts_per_round": 16, "train.batch_size": 4, "train.max_steps": "null"}
 
 
@@ -40,16 +41,20 @@ def test_kept_completions_are_the_accepted_ones(tiny_model_dir, tiny_tokenizer, 
     assert kept and all(len(completion) % 2 == 0 for _, completion in kept)
     assert len(kept) == logged[0]["rft/pool_size"] == len({pair for pair in kept})  # distinct
     assert 0 < logged[0]["rft/acceptance_rate"] < 1
-    assert logged[0]["rft/pool_size"] + logged[0]["rft/duplicates_dropped"] == pytest.approx(logged[0]["rft/acceptance_rate"] * 64)
+    assert logged[0]["rft/pool_size"] + logged[0]["rft/duplicates_dropped"] == pytest.approx(
+        logged[0]["rft/acceptance_rate"] * 64
+    )
     assert logged[0]["rft/round"] == logged[1]["rft/round"] == 1 and logged[2]["rft/round"] == 2
     assert kept_set(tmp_path / "checkpoints" / "step-3", tiny_tokenizer) != kept  # round 2 sampled anew
 
 
 def test_top_k_and_cap_per_prompt(tiny_model_dir, tiny_tokenizer, tmp_path):
-    run_rft(tiny_model_dir, tmp_path / "top", **{"rewards": "[{name: length, options: {per: 10}}]", "rft.accept": "top_k",
+    run_rft(tiny_model_dir, tmp_path / "top",
+            **{"rewards": "[{name: length, options: {per: 10}}]", "rft.accept": "top_k",
                                                   "rft.top_k": 1, "train.save_every": 1, "rft.rounds": 1})
     assert metrics(tmp_path / "top")[0]["rft/pool_size"] == 16  # exactly one per prompt
-    run_rft(tiny_model_dir, tmp_path / "cap", **{"rewards": "[{name: length, options: {per: 10}}]", "rft.threshold": 0.0,
+    run_rft(tiny_model_dir, tmp_path / "cap",
+            **{"rewards": "[{name: length, options: {per: 10}}]", "rft.threshold": 0.0,
                                                   "rft.max_per_prompt": 2, "rft.rounds": 1})
     logged = metrics(tmp_path / "cap")[0]
     assert logged["rft/acceptance_rate"] == 1.0 and logged["rft/pool_size"] <= 32
@@ -69,7 +74,7 @@ def test_accumulation_does_not_change_loss_or_updates(tiny_model_dir, tmp_path):
 
 
 def test_hint_is_for_sampling_only(tiny_model_dir, tiny_tokenizer, tmp_path):
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.tasks.rft import RFTTask
 
     from helpers import tiny_recipe
@@ -79,8 +84,10 @@ def test_hint_is_for_sampling_only(tiny_model_dir, tiny_tokenizer, tmp_path):
     first = metrics(tmp_path)[0]
     assert first["rft/hint_solved_fraction"] > 0
     assert first["rft/solved_fraction"] > first["rft/acceptance_rate"]  # the hint solved prompts sampling alone did not
-    assert not any("The answer is" in prompt for prompt, _ in kept_set(tmp_path / "checkpoints" / "step-1", tiny_tokenizer))
-    recipe = load_recipe("rft", None, tiny_recipe(tiny_model_dir, tmp_path / "x", **{"rft.hint": "(The answer is {answer}.)",
+    assert not any("The answer is" in prompt for prompt, _ in kept_set(tmp_path / "checkpoints" / "step-1",
+                                                                       tiny_tokenizer))
+    recipe = load_recipe("rft", None,
+                         tiny_recipe(tiny_model_dir, tmp_path / "x", **{"rft.hint": "(The answer is {answer}.)",
                                                                               "train.max_steps": "null"}))
     task = RFTTask(recipe, tiny_tokenizer)
     example = task.build_dataset("train", quiet=True)[0]
@@ -92,8 +99,10 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted_run(tiny_model_dir, 
     from test_engine import straight_and_killed
 
     common = {**RFT, "rft.steps_per_round": 3, "train.save_every": 1, "peft.method": "lora", "peft.dropout": 0.1,
-              "rewards": "[{name: length, options: {per: 10}}]", "rft.threshold": 0.5}  # (a subprocess cannot import tests)
-    straight, killed = straight_and_killed("rft", tmp_path, tiny_model_dir, common, kill_at_step=3)  # step 2 saved, mid-round
+              "rewards": "[{name: length, options: {per: 10}}]",
+              "rft.threshold": 0.5}  # (a subprocess cannot import tests)
+    straight, killed = straight_and_killed("rft", tmp_path, tiny_model_dir, common,
+                                           kill_at_step=3)  # step 2 saved, mid-round
     assert_weights_close(final_weights(straight), final_weights(killed), atol=1e-6)
     assert [m["loss"] for m in metrics(straight)] == pytest.approx([m["loss"] for m in metrics(killed)], abs=1e-6)
 
@@ -114,7 +123,7 @@ def test_loss_is_the_token_mean_nll_of_the_steps_kept_completions(tiny_model_dir
     import torch
     from transformers import AutoModelForCausalLM
 
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.tasks.rft import RFTTask
 
     from helpers import tiny_recipe

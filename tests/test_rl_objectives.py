@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from posttrain.objectives.advantages import ADVANTAGES, advantages
-from posttrain.objectives.policy import AGGREGATIONS, aggregate, aggregation_weights, cispo, gspo, kl_estimate, ppo_clip, reinforce
+from posttrain.objectives.policy import (
+    AGGREGATIONS,
+    aggregate,
+    aggregation_weights,
+    cispo,
+    gspo,
+    kl_estimate,
+    ppo_clip,
+    reinforce,
+)
 
 # three prompts: groups of 4, 4 and 1 completions (a lone completion has no baseline)
 REWARDS = [1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.7]
@@ -39,7 +48,8 @@ def penalised_rewards(penalty):
 
 def run(name, penalty=None, **settings):
     token_seq, _ = layout()
-    return advantages(name, torch.tensor(REWARDS, dtype=torch.float64), torch.tensor(GROUPS), token_seq, penalty, **settings)
+    return advantages(name, torch.tensor(REWARDS, dtype=torch.float64), torch.tensor(GROUPS), token_seq, penalty,
+                      **settings)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -51,7 +61,8 @@ def test_grpo_against_a_loop(scale):
             expected.append(0.0)
             continue
         centred = r - statistics.mean(group)
-        divisor = {"group": statistics.stdev(group) + 1e-4, "batch": statistics.stdev(REWARDS) + 1e-4, "none": 1.0}[scale]
+        divisor = {"group": statistics.stdev(group) + 1e-4, "batch": statistics.stdev(REWARDS) + 1e-4,
+                   "none": 1.0}[scale]
         expected.append(centred / divisor)
     assert run("grpo", scale_rewards=scale).tolist() == pytest.approx(per_token(expected), abs=1e-12)
 
@@ -62,7 +73,10 @@ def test_grpo_group_with_equal_rewards_gets_zero_advantage():
 
 
 def test_dr_grpo_against_a_loop():
-    expected = [0.0 if len(members(i)) == 1 else r - statistics.mean(REWARDS[j] for j in members(i)) for i, r in enumerate(REWARDS)]
+    expected = [
+        0.0 if len(members(i)) == 1 else r - statistics.mean(REWARDS[j] for j in members(i))
+        for i, r in enumerate(REWARDS)
+    ]
     assert run("dr_grpo").tolist() == pytest.approx(per_token(expected), abs=1e-12)
 
 
@@ -102,7 +116,10 @@ def test_reinforce_pp_against_a_loop():
 
 
 def test_reinforce_pp_baseline_against_a_loop():
-    centred = [0.0 if len(members(i)) == 1 else r - statistics.mean(REWARDS[j] for j in members(i)) for i, r in enumerate(REWARDS)]
+    centred = [
+        0.0 if len(members(i)) == 1 else r - statistics.mean(REWARDS[j] for j in members(i))
+        for i, r in enumerate(REWARDS)
+    ]
     assert run("reinforce_pp_baseline").tolist() == pytest.approx(whiten_list(per_token(centred)), abs=1e-12)
 
 
@@ -129,8 +146,10 @@ def test_a_step_of_one_completion_gets_zero_advantage_not_nan(name, settings, le
     """Nothing to compare one completion with (no group, a batch std of one value, whitening over one token): it
     cannot teach, so its advantage is 0, never NaN."""
     token_seq = torch.zeros(length, dtype=torch.long)
-    penalty = torch.full((length,), -0.1, dtype=torch.float64) if length == 1 else torch.zeros(length, dtype=torch.float64)
-    values = advantages(name, torch.tensor([0.7], dtype=torch.float64), torch.tensor([3]), token_seq, penalty, **settings)
+    penalty = torch.full((length,), -0.1, dtype=torch.float64) if length == 1 else torch.zeros(length,
+                                                                                               dtype=torch.float64)
+    values = advantages(name, torch.tensor([0.7], dtype=torch.float64), torch.tensor([3]), token_seq, penalty,
+                        **settings)
     assert values.tolist() == pytest.approx([0.0] * length, abs=1e-9)  # identical returns whiten to rounding noise
 
 
@@ -168,7 +187,8 @@ def test_gspo_uses_the_length_normalized_sequence_ratio():
     token_seq = torch.tensor([0, 0, 1])
     old = torch.zeros(3, dtype=torch.float64)
     logps = torch.tensor([0.2, -0.1, 0.0], dtype=torch.float64, requires_grad=True)
-    out = gspo(logps, old, torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64), token_seq, epsilon_low=1.0, epsilon_high=1.0)
+    out = gspo(logps, old, torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64), token_seq, epsilon_low=1.0,
+               epsilon_high=1.0)
     s0 = math.exp((0.2 - 0.1) / 2)
     assert out.loss.tolist() == pytest.approx([-s0, -s0, 1.0])
     out.loss.sum().backward()  # GSPO-token: each token's gradient is s_i * d log pi_t
@@ -188,7 +208,8 @@ def test_cispo_keeps_gradients_of_clipped_tokens_with_a_clipped_weight():
 
 def test_reinforce_is_advantage_weighted_log_likelihood():
     logps = torch.tensor([-1.0, -2.0], dtype=torch.float64)
-    assert reinforce(logps, logps, torch.tensor([0.5, -1.0], dtype=torch.float64), torch.arange(2)).loss.tolist() == [0.5, -2.0]
+    assert reinforce(logps, logps, torch.tensor([0.5, -1.0], dtype=torch.float64),
+                     torch.arange(2)).loss.tolist() == [0.5, -2.0]
 
 
 def test_on_policy_ppo_gradient_equals_reinforce_gradient():
@@ -279,7 +300,8 @@ def by_loop(per_token_loss, lengths, mode, budget):
 def test_aggregation_against_a_loop(mode):
     token_seq, _ = layout()
     loss = torch.linspace(-1, 2, len(token_seq), dtype=torch.float64) ** 2
-    assert float(aggregate(loss, token_seq, mode, 16)) == pytest.approx(by_loop(loss.tolist(), LENGTHS, mode, 16), abs=1e-12)
+    assert float(aggregate(loss, token_seq, mode, 16)) == pytest.approx(by_loop(loss.tolist(), LENGTHS, mode, 16),
+                                                                        abs=1e-12)
 
 
 @pytest.mark.parametrize("mode", AGGREGATIONS)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import sandbox_attacks
-import posttrain.rewards.sandbox as sandbox
-from posttrain.rewards.sandbox import Limits, SandboxUnavailable, run_python, seccomp_filter
+import posttrain.core.sandbox as sandbox
+from posttrain.core.sandbox import Limits, SandboxUnavailable, run_python, seccomp_filter
 
 TESTS = Path(__file__).resolve().parent
 UNPRIVILEGED = 4242  # a uid nobody on this machine uses: no passwd entry is needed
@@ -95,7 +95,8 @@ def test_the_seccomp_filter_is_one_program_per_architecture():
         instructions = [struct.unpack("=HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
         assert instructions[0] == (0x20, 0, 0, 4)  # load seccomp_data.arch first
         assert instructions[-2:] == [(0x06, 0, 0, 0x7FFF0000), (0x06, 0, 0, 0x00050001)]  # allow, else EPERM
-        denials = [(offset, k) for offset, (code, _, _, k) in enumerate(instructions[:-5]) if code == 0x15 and offset > 1]
+        denials = [(offset, k) for offset, (code, _, _,
+                                            k) in enumerate(instructions[:-5]) if code == 0x15 and offset > 1]
         assert [k for _, k in denials] == [n for name, n in sandbox._SYSCALLS[machine].items() if name != "socket"]
         for offset, _ in denials:  # each lands on the EPERM return
             assert offset + 1 + instructions[offset][1] == len(instructions) - 1
@@ -106,7 +107,7 @@ def test_the_seccomp_filter_is_one_program_per_architecture():
 
 
 def test_without_isolation_code_is_refused_unless_opted_in(monkeypatch):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
     from posttrain.rewards import code_tests
     from posttrain.rewards.runner import RewardRunner
 

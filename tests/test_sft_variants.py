@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_model, write_jsonl
 from helpers import assert_weights_close, final_weights, metrics, run_sft
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.objectives.sft import SFT_LOSSES, dynamic_ft, nll, poft, select_tokens, token_divergence
 
 
@@ -49,7 +49,8 @@ def trl_gkd(student_logits, teacher_logits, beta):
 @pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", 0.5), ("jsd", 0.2)])
 def test_distillation_divergences_match_trl_gkd_with_the_whole_vocabulary(divergence, beta):
     g = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(5, 11, generator=g, dtype=torch.float64), torch.randn(5, 11, generator=g, dtype=torch.float64)
+    student, teacher = torch.randn(5, 11, generator=g, dtype=torch.float64), torch.randn(5, 11, generator=g,
+                                                                                         dtype=torch.float64)
     top = teacher.log_softmax(-1).topk(11)
     ours = token_divergence(student, top.indices, top.values, divergence, jsd_beta=beta if divergence == "jsd" else 0.5)
     assert ours.sum().item() == pytest.approx(trl_gkd(student, teacher, beta).item(), rel=1e-9)
@@ -105,8 +106,8 @@ def test_variants_keep_accumulation_invariance(tiny_model_dir, tmp_path, name):
 
 
 def test_masked_thought_masks_completion_inputs_and_keeps_targets(tiny_model_dir, tmp_path):
-    from posttrain.config import load_recipe
-    from posttrain.models import load_tokenizer
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.model.load import load_tokenizer
     from posttrain.train.tasks.sft import SFTTask
 
     from helpers import tiny_recipe
@@ -155,7 +156,8 @@ def test_distillation_refuses_a_teacher_with_another_tokenizer(tiny_model_dir, t
     vocab["model"]["vocab"]["zzz-new"] = len(vocab["model"]["vocab"])
     (teacher / "tokenizer.json").write_text(json.dumps(vocab))
     with pytest.raises(UserError, match="different tokenizer"):
-        run_sft(tiny_model_dir, tmp_path / "kd", **{"sft.loss": "distill", "teacher": str(teacher), "sft.distill.lmbda": lmbda})
+        run_sft(tiny_model_dir, tmp_path / "kd",
+                **{"sft.loss": "distill", "teacher": str(teacher), "sft.distill.lmbda": lmbda})
 
 
 def test_poft_with_two_aligned_references(tiny_model_dir, tmp_path):
@@ -173,8 +175,10 @@ def test_token_selection_trains_on_the_chosen_fraction(tiny_model_dir, tmp_path,
     reference = second_model(tiny_model_dir, tmp_path, seed=5)
     seen = []
     original = SFTTask.normalizer
-    monkeypatch.setattr(SFTTask, "normalizer", lambda self, batch: seen.append((original(self, batch), batch.num_targets)) or seen[-1][0])
-    run_sft(tiny_model_dir, tmp_path / "rho", **{"sft.token_selection": json.dumps({"ratio": 0.6, "reference": str(reference)})})
+    monkeypatch.setattr(SFTTask, "normalizer", lambda self,
+                        batch: seen.append((original(self, batch), batch.num_targets)) or seen[-1][0])
+    run_sft(tiny_model_dir, tmp_path / "rho",
+            **{"sft.token_selection": json.dumps({"ratio": 0.6, "reference": str(reference)})})
     selected, total = map(sum, zip(*seen))
     assert 0.6 <= selected / total < 0.62  # ceil per example
     assert "selection/excess_loss" in metrics(tmp_path / "rho")[0]
@@ -190,7 +194,8 @@ def test_s3ft_trains_on_the_models_own_correct_answers(tiny_model_dir, tmp_path,
         for i in range(8)])
     monkeypatch.setattr(self_sample, "generate", lambda model, tok, prompts, *a, **k: [
         f"The sum is {2 * int(p[0]['content'].split()[2]) + (i % 2)}" for i, p in enumerate(prompts)])
-    run_sft(tiny_model_dir, tmp_path / "s3ft", **{"data.train": str(data), "sft.self_sample": True, "train.max_steps": 1})
+    run_sft(tiny_model_dir, tmp_path / "s3ft",
+            **{"data.train": str(data), "sft.self_sample": True, "train.max_steps": 1})
     cached = json.loads((tmp_path / "s3ft" / "self_sampled_answers.json").read_text())["answers"]
     assert [a is not None for a in cached] == [True, False] * 4
     assert cached[0] == "The sum is 0"
@@ -211,7 +216,8 @@ def test_wilson_interval_by_hand():
 def test_on_policy_distillation_scores_the_students_own_samples(tiny_model_dir, tmp_path):
     """GKD with lambda = 1: every completion is the student's sample; with the student as its own teacher (and
     the teacher's whole vocabulary kept) the forward KL is 0 at the first step, with another teacher it is not."""
-    common = {"sft.loss": "distill", "sft.distill.lmbda": 1.0, "sft.distill.max_new_tokens": 10, "sft.distill.top_k": 1000,
+    common = {"sft.loss": "distill", "sft.distill.lmbda": 1.0, "sft.distill.max_new_tokens": 10,
+              "sft.distill.top_k": 1000,
               "train.max_steps": 2}
     run_sft(tiny_model_dir, tmp_path / "self", **{**common, "teacher": str(tiny_model_dir)})
     first = metrics(tmp_path / "self")[0]

@@ -26,8 +26,8 @@ def environment() -> dict:
 
 
 def run_one(command: str, recipe: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "posttrain.cli", command, str(recipe)], capture_output=True, text=True,
-                          env=environment(), timeout=300)
+    done = subprocess.run([sys.executable, "-m", "posttrain.apps.cli", command, str(recipe)], capture_output=True,
+                          text=True, env=environment(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -42,9 +42,15 @@ def run_sharded(command: str, recipe: Path, port: int, config: Path = FSDP2) -> 
 
 
 def one_and_sharded(command, model_dir, tmp_path, common, accum_two, port, config=FSDP2):
+    """The same run in one process and sharded over two, side by side (they share only the model they read)."""
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    run_one(command, write_recipe(tmp_path, model_dir, single, {**common, "train.grad_accum": 2 * accum_two}))
-    run_sharded(command, write_recipe(tmp_path, model_dir, sharded, {**common, "train.grad_accum": accum_two}), port, config)
+    one_recipe = write_recipe(tmp_path, model_dir, single, {**common, "train.grad_accum": 2 * accum_two})
+    one = subprocess.Popen([sys.executable, "-m", "posttrain.apps.cli", command, str(one_recipe)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    run_sharded(command, write_recipe(tmp_path, model_dir, sharded, {**common, "train.grad_accum": accum_two}), port,
+                config)
+    _, one_err = one.communicate(timeout=300)
+    assert one.returncode == 0, one_err[-3000:]
     return single, sharded
 
 
@@ -64,7 +70,8 @@ def test_fsdp2_trains_like_one_process_and_saves_an_ordinary_final(tiny_model_di
     if peft == "lora":  # a token budget splits micro-batches: 3 on one process, 4 on the other (checked)
         common.update({"train.batch_size": 4, "train.max_tokens_per_micro_batch": 600})
     port = 29540 + [("none", "fsdp2"), ("lora", "fsdp2"), ("none", "fsdp2_zero2")].index((peft, config))
-    single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=1 if peft == "lora" else 2, port=port,
+    single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=1 if peft == "lora" else 2,
+                                      port=port,
                                       config=CONFIGS / f"{config}.yaml")
     assert_same_run("sft", single, sharded)
     parts = sorted(p.name for p in (sharded / "checkpoints" / "step-2" / "sharded").iterdir())
@@ -76,21 +83,25 @@ def test_a_sharded_checkpoint_resumes_the_same_run_is_verified_part_by_part_and_
     """Stopped after step 2 of 3, the newest checkpoint's part from process 1 damaged: the run resumes under FSDP2
     from step 1 and ends as the uninterrupted run; one process reads a sharded checkpoint for export. (A constant
     learning rate: a longer max_steps would otherwise stretch the schedule.)"""
-    from posttrain.cli import main
+    from posttrain.apps.cli import main
 
     from helpers import reset_accelerate
 
     common = {"train.batch_size": 2, "train.grad_accum": 2, "peft.method": "lora", "train.save_every": 1,
               "train.scheduler": "constant", "train.warmup_steps": 0}
     whole = tmp_path / "whole"
-    run_one("sft", write_recipe(tmp_path, tiny_model_dir, whole, {**common, "train.grad_accum": 4, "train.max_steps": 3}))
+    run_one("sft",
+            write_recipe(tmp_path, tiny_model_dir, whole, {**common, "train.grad_accum": 4, "train.max_steps": 3}))
     first = tmp_path / "first"
     run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 2}), port=29565)
 
     part = first / "checkpoints" / "step-2" / "sharded" / "__1_0.distcp"
     part.write_bytes(part.read_bytes()[:-7])
     resumed = run_sharded("sft", write_recipe(tmp_path, tiny_model_dir, first, {**common, "train.max_steps": 3}), 29566)
-    assert "checkpoint" in resumed.stdout + resumed.stderr and "sharded/__1_0.distcp has" in resumed.stdout + resumed.stderr
+    assert (
+        "checkpoint" in resumed.stdout + resumed.stderr
+        and "sharded/__1_0.distcp has" in resumed.stdout + resumed.stderr
+    )
     assert "resuming from" in resumed.stdout + resumed.stderr and "step-1" in resumed.stdout + resumed.stderr
     assert (first / "checkpoints" / "corrupt-step-2").is_dir()
     assert_same_run("sft", whole, first)
@@ -113,7 +124,8 @@ def test_fsdp2_trains_the_offline_families_like_one_process(tiny_model_dir, tmp_
 
     files = {"dpo": pairs_file, "kto": unpaired_file, "rank": ranked_file, "rm": rated_pairs, "prm": steps_file}
     (tmp_path / "eval").mkdir()
-    common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora", "data.limit": "null", "train.save_every": 2,
+    common = {"train.max_steps": 2, "train.batch_size": 2, "peft.method": "lora", "data.limit": "null",
+              "train.save_every": 2,
               "data.train": str(files[command](tmp_path)), "data.eval": str(files[command](tmp_path / "eval", n=5))}
     if command == "rm":
         common.update({"data.train": str(rated_pairs(tmp_path, ratings=True)), "rm.objectives": "[correct, concise]",
@@ -176,7 +188,7 @@ def test_deepspeed_and_fsdp1_launches_are_refused_with_the_way_out():
 
     from accelerate.utils import DistributedType
 
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
     from posttrain.train.sharding import check_supported
 
     with pytest.raises(UserError, match="DeepSpeed.*backward.*recipes/accelerate/fsdp2.yaml"):
@@ -192,7 +204,8 @@ def test_fsdp2_on_policy_distillation_samples_on_gathered_parameters(tiny_model_
 
     teacher = str(second_model(tiny_model_dir, tmp_path, 7))
     common = {"sft.loss": "distill", "teacher": teacher, "sft.distill.lmbda": 0.5, "sft.distill.max_new_tokens": 8,
-              "sft.distill.divergence": "reverse_kl", "train.batch_size": 2, "train.max_steps": 2, "peft.method": "lora"}
+              "sft.distill.divergence": "reverse_kl", "train.batch_size": 2, "train.max_steps": 2,
+              "peft.method": "lora"}
     single, sharded = one_and_sharded("sft", tiny_model_dir, tmp_path, common, accum_two=2, port=29567)
     assert_same_run("sft", single, sharded, keys=("loss", "grad_norm", "distill/on_policy_fraction"))
     assert 0 < metrics(sharded)[0]["distill/on_policy_fraction"] < 1
@@ -211,7 +224,8 @@ def test_sigterm_under_fsdp2_checkpoints_every_part_and_the_run_resumes_the_same
     recipe = write_recipe(tmp_path, tiny_model_dir, stopped, {**common, "train.grad_accum": 1})
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     job = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", "29568", str(TESTS / "fsdp_on_cpu.py"),
-                            str(FSDP2), "sft", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            str(FSDP2), "sft", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True,
                            env=environment())
     deadline = time.time() + 120
     while time.time() < deadline and len(metrics(stopped) if (stopped / "metrics.jsonl").exists() else []) < 2:
@@ -222,7 +236,8 @@ def test_sigterm_under_fsdp2_checkpoints_every_part_and_the_run_resumes_the_same
     assert len(checkpoints) == 1 and "stopped by SIGTERM after step" in output, output[-3000:]
     step = int(checkpoints[0].name.split("-")[1])
     assert 2 <= step < 40 and not (stopped / "final").exists()
-    assert sorted(p.name for p in (checkpoints[0] / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (checkpoints[0] / "sharded").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                              "__1_0.distcp"]
     resumed = run_sharded("sft", recipe, port=29569)
     assert f"resuming from {checkpoints[0]}" in resumed.stdout + resumed.stderr
     assert_same_run("sft", whole, stopped)

@@ -18,7 +18,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def sft_task(tokenizer, model_dir, out, *overrides):
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.tasks.sft import SFTTask
 
     recipe = load_recipe("sft", None, [f"model={model_dir}", f"output_dir={out}", f"data.train={GSM8K}",
@@ -66,11 +66,14 @@ def test_the_cache_is_reused_until_the_file_or_a_setting_changes(tiny_tokenizer,
         raise AssertionError("encoded again")
 
     monkeypatch.setattr(store, "encode_chunk", fail)
-    again = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}", "train.lr=0.1").build_dataset("train", quiet=True)
+    again = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}",
+                     "train.lr=0.1").build_dataset("train", quiet=True)
     same_examples(first, again)  # a training setting does not touch the tokenized data
-    for changed in ("data.max_length=100", "data.truncation=left", "data.assistant_only_loss=false", "data.chat_template=chatml"):
+    for changed in ("data.max_length=100", "data.truncation=left", "data.assistant_only_loss=false",
+                    "data.chat_template=chatml"):
         with pytest.raises(AssertionError, match="encoded again"):
-            sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}", changed).build_dataset("train", quiet=True)
+            sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}", changed).build_dataset("train",
+                                                                                                            quiet=True)
     with open(data, "a") as handle:  # same size class, new content: the file's digest changes
         handle.write(json.dumps({"prompt": "What is 2 + 2?", "completion": "4"}) + "\n")
     with pytest.raises(AssertionError, match="encoded again"):
@@ -83,21 +86,24 @@ def test_the_cache_is_reused_until_the_file_or_a_setting_changes(tiny_tokenizer,
 
 def test_workers_give_the_same_examples_and_name_a_bad_line(tiny_tokenizer, tiny_model_dir, tmp_path, cache):
     from posttrain.data.store import CHUNK
-    from posttrain.errors import DataError
+    from posttrain.core.errors import DataError
 
     records = [json.loads(line) for line in GSM8K.read_text().splitlines()] * 3  # three chunks and a bit
     assert len(records) > 2 * CHUNK
     data = write_jsonl(tmp_path / "big.jsonl", records)
-    alone = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}", "data.num_proc=1").build_dataset("train", quiet=True)
+    alone = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}",
+                     "data.num_proc=1").build_dataset("train", quiet=True)
     for directory in cache.iterdir():
         __import__("shutil").rmtree(directory)
-    workers = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}", "data.num_proc=2").build_dataset("train", quiet=True)
+    workers = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={data}",
+                       "data.num_proc=2").build_dataset("train", quiet=True)
     same_examples(alone, workers)
 
     records[2 * CHUNK + 6] = {"question": "no answer field"}
     bad = write_jsonl(tmp_path / "bad.jsonl", records)
     with pytest.raises(DataError, match=rf"bad.jsonl, line {2 * CHUNK + 7}: not an SFT record"):
-        sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={bad}", "data.num_proc=2").build_dataset("train", quiet=True)
+        sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={bad}",
+                 "data.num_proc=2").build_dataset("train", quiet=True)
     assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []  # nothing half-written is left
 
 
@@ -106,9 +112,12 @@ def test_a_mixture_indexes_rows_of_each_file(tiny_tokenizer, tiny_model_dir, tmp
     a = write_jsonl(tmp_path / "a.jsonl", [json.loads(line) for line in lines[:40]])
     b = write_jsonl(tmp_path / "b.jsonl", [json.loads(line) for line in lines[40:60]])
     sources = f'data.train=[{{"path": "{a}", "weight": 0.5}}, {{"path": "{b}", "weight": 2}}]'
-    mixed = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, sources, "data.max_length=4096").build_dataset("train", quiet=True)
-    only_a = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={a}", "data.max_length=4096").build_dataset("train", quiet=True)
-    only_b = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={b}", "data.max_length=4096").build_dataset("train", quiet=True)
+    mixed = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, sources, "data.max_length=4096").build_dataset("train",
+                                                                                                              quiet=True)
+    only_a = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={a}",
+                      "data.max_length=4096").build_dataset("train", quiet=True)
+    only_b = sft_task(tiny_tokenizer, tiny_model_dir, tmp_path, f"data.train={b}",
+                      "data.max_length=4096").build_dataset("train", quiet=True)
     assert len(mixed) == 20 + 40 and [mixed.source(i) for i in (0, 19, 20, 59)] == [str(a), str(a), str(b), str(b)]
     picked = __import__("random").Random(0).sample(range(40), 20)  # the seeded half of a, then b twice
     expected = [only_a[i] for i in picked] + list(only_b) + list(only_b)
@@ -132,7 +141,8 @@ def test_staging_left_by_a_killed_encoder_is_removed(tiny_tokenizer, tiny_model_
     assert again.summary["records"] == 20 and sorted(p.name for p in cache.iterdir()) == [done.name]
 
 
-def test_other_local_processes_wait_for_the_first_to_encode(tiny_tokenizer, tiny_model_dir, tmp_path, cache, monkeypatch):
+def test_other_local_processes_wait_for_the_first_to_encode(tiny_tokenizer, tiny_model_dir, tmp_path, cache,
+                                                            monkeypatch):
     import shutil
     import threading
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from posttrain.rewards.sandbox import Limits
+from posttrain.core.sandbox import Limits
 from posttrain.rollout.backend import Completion, GenerationStats, SamplingSettings
 from posttrain.rollout.tools import CLOSE, INSTRUCTIONS, ToolUse, run_tool, tool_call
 
@@ -87,7 +87,7 @@ def test_the_budget_cuts_tool_output_and_marks_truncation(tiny_tokenizer):
 def test_micro_batches_train_on_the_models_tokens_only(tiny_model_dir, tmp_path, tiny_tokenizer):
     """Rollouts with tool output in the middle: the batch's targets are exactly the model's tokens, and each
     lines up with its entry of the per-token tensors (which hold the model's tokens only)."""
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.tasks.grpo import GRPOTask, Rollouts
 
     from helpers import tiny_recipe
@@ -110,7 +110,7 @@ def test_micro_batches_train_on_the_models_tokens_only(tiny_model_dir, tmp_path,
 
 
 def test_prompts_carry_the_tool_instructions(tiny_model_dir, tmp_path, tiny_tokenizer):
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.tasks.grpo import GRPOTask
 
     from helpers import tiny_recipe
@@ -130,20 +130,22 @@ def test_grpo_with_the_tool_runs_and_logs_tool_metrics(tiny_model_dir, tmp_path)
                                                      "rewards": "[{name: length, options: {per: 10}}]",
                                                      "rl.reward_workers": 0, "train.max_steps": 1})
     first = metrics(tmp_path)[0]
-    assert first["tools/call_rate"] == 0.0 and first["tools/calls_per_completion"] == 0.0  # a random model calls nothing
+    assert (
+        first["tools/call_rate"] == 0.0 and first["tools/calls_per_completion"] == 0.0
+    )  # a random model calls nothing
 
 
 def test_pool_commands_refuse_the_tool(tiny_model_dir, tmp_path):
     from helpers import run_command
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match="grpo or ppo"):
         run_command("rft", tiny_model_dir, tmp_path, **{"rollout.tool": "python", "train.max_steps": "null"})
 
 
 def test_few_shot_turns_come_after_the_system_message(tiny_model_dir, tmp_path, tiny_tokenizer):
-    from posttrain.config import load_recipe
-    from posttrain.errors import UserError
+    from posttrain.apps.recipes import load_recipe
+    from posttrain.core.errors import UserError
     from posttrain.train.tasks.grpo import GRPOTask
 
     from helpers import tiny_recipe
@@ -155,4 +157,5 @@ def test_few_shot_turns_come_after_the_system_message(tiny_model_dir, tmp_path, 
     assert [m["role"] for m in example.conversation] == ["system", "user", "assistant", "user"]
     assert example.conversation[1]["content"] == "Compute 1 + 1." and example.prompt != "Compute 1 + 1."
     with pytest.raises(UserError, match="few_shot"):
-        load_recipe("grpo", None, tiny_recipe(tiny_model_dir, tmp_path, **{"rollout.few_shot": '[{role: system, content: x}]'}))
+        load_recipe("grpo", None,
+                    tiny_recipe(tiny_model_dir, tmp_path, **{"rollout.few_shot": '[{role: system, content: x}]'}))

@@ -9,7 +9,7 @@ import torch
 
 from conftest import write_jsonl
 from helpers import metrics, tiny_recipe
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.objectives.unpaired import unpaired_loss
 
 # Two completions: desirable with log-ratio 1.5, undesirable with log-ratio -0.5; beta = 0.4.
@@ -63,7 +63,8 @@ def test_matches_trl_kto_trainer(loss_type):
 
     def outputs(sums):
         per_token = (sums / width)[:, None].expand(b, width).clone()
-        return types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros(b, width), mean_logits=torch.zeros(b, width))
+        return types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros(b, width),
+                                     mean_logits=torch.zeros(b, width))
 
     model = lambda input_ids, **kw: outputs(kl_logps if input_ids is kl_ids else logps)  # noqa: E731
     accelerator = types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
@@ -97,12 +98,13 @@ def unpaired_file(tmp_path, n=24, every_bad=2):
 def run_kto(model_dir, out, data, **overrides):
     from accelerate.state import AcceleratorState, PartialState
 
-    from posttrain.config import load_recipe
+    from posttrain.apps.recipes import load_recipe
     from posttrain.train.run import run
 
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
-    base = {"data.train": str(data), "train.batch_size": 4, "train.max_steps": 4, "peft.method": "lora", "train.lr": 2e-2}
+    base = {"data.train": str(data), "train.batch_size": 4, "train.max_steps": 4, "peft.method": "lora",
+            "train.lr": 2e-2}
     return run("kto", load_recipe("kto", None, tiny_recipe(model_dir, out, **{**base, **overrides})))
 
 
@@ -149,7 +151,8 @@ def test_per_microbatch_reference_point_would_fail_the_test_above(tiny_model_dir
 
 def test_bco_shift_survives_resume(tiny_model_dir, tmp_path):
     data = unpaired_file(tmp_path)
-    common = {"loss.name": "bco", "train.scheduler": "constant", "train.save_every": 2}  # max_steps may change on resume
+    common = {"loss.name": "bco", "train.scheduler": "constant",
+              "train.save_every": 2}  # max_steps may change on resume
     run_kto(tiny_model_dir, tmp_path / "straight", data, **{**common, "train.max_steps": 4})
     run_kto(tiny_model_dir, tmp_path / "resumed", data, **{**common, "train.max_steps": 2})
     run_kto(tiny_model_dir, tmp_path / "resumed", data, **{**common, "train.max_steps": 4})

@@ -83,12 +83,13 @@ def test_merged_weights_leave_the_adapter_unmerged(tiny_model_dir):
 def test_after_an_update_the_server_samples_from_the_trained_weights(tiny_model_dir, tmp_path, stand_in):
     """GRPO with LoRA through the server: weights pushed before each rollout (not between reused ones), and
     after training the server's greedy completions equal transformers' greedy completions of the final policy."""
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.load import load_model, load_tokenizer
 
     run_command("grpo", tiny_model_dir, tmp_path, **{
         "rollout.engine": "vllm", "rollout.vllm_url": stand_in.url, "rollout.num_generations": 4,
         "rollout.max_new_tokens": 12, "rewards": "[{name: length, options: {per: 10}}]", "rl.reward_workers": 0,
-        "train.max_steps": 4, "rl.num_iterations": 2, "peft.method": "lora", "train.lr": 5e-2, "train.precision": "fp32"})
+        "train.max_steps": 4, "rl.num_iterations": 2, "peft.method": "lora", "train.lr": 5e-2,
+        "train.precision": "fp32"})
     assert stand_in.loads == 2  # rollouts at steps 1 and 3
     assert metrics(tmp_path)[1]["policy/sampler_mismatch"] < 1e-4  # the server sampled with the weights trained on
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -104,10 +105,11 @@ def test_after_an_update_the_server_samples_from_the_trained_weights(tiny_model_
 
 
 def test_a_missing_server_is_a_clear_error(tiny_model_dir, tmp_path):
-    from posttrain.errors import UserError
+    from posttrain.core.errors import UserError
 
     with pytest.raises(UserError, match="make vllm-env"):
-        run_command("grpo", tiny_model_dir, tmp_path, **{"rollout.engine": "vllm", "rollout.vllm_url": "http://127.0.0.1:9",
+        run_command("grpo", tiny_model_dir, tmp_path,
+                    **{"rollout.engine": "vllm", "rollout.vllm_url": "http://127.0.0.1:9",
                                                          "rollout.num_generations": 2, "rl.reward_workers": 0})
 
 
@@ -115,7 +117,9 @@ def vllm_python():
     import os
     from pathlib import Path
 
-    candidate = os.environ.get("POSTTRAIN_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python")
+    candidate = os.environ.get("POSTTRAIN_VLLM_PYTHON") or str(
+        Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python"
+    )
     return candidate if Path(candidate).exists() else None
 
 
@@ -131,7 +135,7 @@ def test_real_vllm_server_samples_from_the_pushed_weights(tiny_model_dir, tmp_pa
     import urllib.request
     from pathlib import Path
 
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.model.load import load_model, load_tokenizer
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -140,7 +144,8 @@ def test_real_vllm_server_samples_from_the_pushed_weights(tiny_model_dir, tmp_pa
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                 tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=1)).save_pretrained(model_dir)
+                                 tie_word_embeddings=True, eos_token_id=2, pad_token_id=2,
+                                 bos_token_id=1)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -160,7 +165,8 @@ def test_real_vllm_server_samples_from_the_pushed_weights(tiny_model_dir, tmp_pa
                 assert server.poll() is None, "the vLLM server exited"
                 time.sleep(1)
         run_command("grpo", model_dir, tmp_path / "run", **{
-            "rollout.engine": "vllm", "rollout.vllm_url": url, "rollout.num_generations": 4, "rollout.max_new_tokens": 12,
+            "rollout.engine": "vllm", "rollout.vllm_url": url, "rollout.num_generations": 4,
+            "rollout.max_new_tokens": 12,
             "rewards": "[{name: length, options: {per: 10}}]", "rl.reward_workers": 0, "train.max_steps": 3,
             "peft.method": "lora", "train.lr": 5e-2, "train.precision": "fp32"})
         assert max(m["policy/sampler_mismatch"] for m in metrics(tmp_path / "run")) < 1e-3

@@ -2,6 +2,6 @@
 
 import sys
 
-from posttrain.cli import main
+from posttrain.apps.cli import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from posttrain.errors import DataError
+from posttrain.core.errors import DataError
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 

@@ -6,7 +6,8 @@ scored by the ``math_answer`` reward. The problem space is enumerated and split 
 into a held-out set and a training set that never share a problem; ``python -m posttrain.data.arithmetic``
 rewrites the shipped files (``assets/arithmetic_{train,eval_200}.jsonl``) identically, and the files of the
 tool-use recipe with large numbers (``assets/arithmetic_large_{train,eval_200}.jsonl``, :func:`large_split`) and the
-step-labeled chains of the process-reward recipe (``assets/arithmetic_steps_{train,eval_200}.jsonl``, :func:`step_chains`).
+step-labeled chains of the process-reward recipe (``assets/arithmetic_steps_{train,eval_200}.jsonl``,
+:func:`step_chains`).
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ def large_split(train_size: int = 1200, held_out: int = 200, seed: int = 0) -> t
             if prompt not in seen:
                 seen.add(prompt)
                 records[op].append({"prompt": prompt, "answer": str(fn(a, b))})
-    evaluation = [r for i, op in enumerate(LARGE) for r in records[op][: held_out // len(LARGE) + (i < held_out % len(LARGE))]]
-    train = [r for i, op in enumerate(LARGE) for r in records[op][held_out // len(LARGE) + (i < held_out % len(LARGE)):]]
+    evaluation = [
+        r for i, op in enumerate(LARGE) for r in records[op][: held_out // len(LARGE) + (i < held_out % len(LARGE))]
+    ]
+    train = [
+        r for i, op in enumerate(LARGE) for r in records[op][held_out // len(LARGE) + (i < held_out % len(LARGE)) :]
+    ]
     rng.shuffle(train)
     rng.shuffle(evaluation)
     return train[:train_size], evaluation

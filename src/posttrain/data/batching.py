@@ -18,7 +18,37 @@ import numpy as np
 import torch
 
 from posttrain.data.tokenize import TokenizedExample
-from posttrain.ops.attention import Segments
+
+Span = tuple[int, int, int,
+             int]  # (start, end, prefix_start, prefix_end) in a row; no prefix: prefix_start == prefix_end
+
+
+class Segments:
+    """Where each sequence of a packed batch lies. ``rows[r]`` lists spans that tile row ``r`` in order: the span's
+    tokens are queries, and its keys are the prefix's tokens followed by the span's own, causally."""
+
+    def __init__(self, rows: list[list[Span]]):
+        self.rows = rows
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return any(p1 > p0 for spans in self.rows for _, _, p0, p1 in spans)
+
+    def mask(self, prefix: int, length: int, window: int | None, device) -> torch.Tensor | None:
+        """Boolean [length, prefix + length] mask of a span, or None where plain causal attention is the mask
+        (built once per shape and shared by every layer)."""
+        if prefix == 0 and (window is None or length <= window):
+            return None
+        key = (prefix, length, window, str(device))
+        if key not in self._masks:
+            query_pos = prefix + torch.arange(length, device=device)
+            key_pos = torch.arange(prefix + length, device=device)
+            allowed = key_pos[None, :] <= query_pos[:, None]
+            if window is not None:
+                allowed &= query_pos[:, None] - key_pos[None, :] < window
+            self._masks[key] = allowed
+        return self._masks[key]
 
 
 @dataclass
@@ -71,7 +101,7 @@ def collate(
     groups: list[list[int]] | None = None,
     shared_lengths: list[int] | None = None,
 ) -> Batch:
-    """A micro-batch of ``examples``. With ``segments`` (the model attends per sequence: ops/attention.py) a packed
+    """A micro-batch of ``examples``. With ``segments`` (the model attends per sequence: model/attention.py) a packed
     micro-batch is one row with no padding at all, and each of ``groups`` (indices of examples that start alike:
     one prompt's answers) lays out the tokens its members have in common once, at most ``shared_lengths[g]`` of
     them (the prompt: then the layout of a prompt's answers, and so every value, does not depend on which of its
@@ -132,7 +162,26 @@ class SegmentLayout:
     where: list[np.ndarray]  # each sequence's tokens' places in the row, its shared prefix included
 
 
-def segment_layout(sequences: list[np.ndarray], groups: list[list[int]], caps: list[int] | None = None) -> SegmentLayout:
+@dataclass(frozen=True)
+class Layout:
+    """How sequences become one micro-batch: the padding token, packing, and whether the model attends per
+    sequence (``segments``: one row, no padding, shared prompts laid out once; see model/attention.py)."""
+
+    pad_id: int
+    packing: bool = True
+    padding_free: bool = False
+    segments: bool = False
+
+    def collate(self, sequences: list[TokenizedExample], groups: list[list[int]] | None = None,
+                max_length: int | None = None, shared_lengths: list[int] | None = None) -> Batch:
+        """``groups`` list sequences that start with the same prompt, which a model attending per sequence computes
+        once (at most ``shared_lengths`` tokens of it; by default all they have in common)."""
+        return collate(sequences, self.pad_id, self.packing, self.padding_free, max_length, self.segments, groups,
+                       shared_lengths)
+
+
+def segment_layout(sequences: list[np.ndarray], groups: list[list[int]],
+                   caps: list[int] | None = None) -> SegmentLayout:
     """One row holding ``sequences`` with each group's common prefix (at most ``caps[g]`` tokens) laid out once."""
     # With explicit caps even a group of one lays its prompt out apart, so each answer is computed the same way
     # whoever shares its micro-batch; without them a lone sequence is one span.
@@ -174,7 +223,8 @@ def _collate_segments(examples: list[TokenizedExample], groups: list[list[int]],
         attention_mask=None,
         target_index=torch.from_numpy(np.concatenate([where[i][t] for i, t in enumerate(targets)])),
         target_ids=torch.from_numpy(np.concatenate([e.input_ids[t + 1] for e, t in zip(examples, targets)])),
-        target_weights=torch.from_numpy(np.concatenate([e.weights[t + 1] for e, t in zip(examples, targets)]).astype(np.float32)),
+        target_weights=torch.from_numpy(np.concatenate([e.weights[t + 1] for e, t in zip(examples,
+                                                                                         targets)]).astype(np.float32)),
         target_example=torch.from_numpy(np.concatenate([np.full(len(t), i) for i, t in enumerate(targets)])),
         target_rank=torch.from_numpy(np.concatenate([np.arange(len(t)) for t in targets])),
         num_examples=len(examples),

@@ -21,11 +21,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from posttrain.core.errors import DataError, UserError
 from posttrain.data.adapters import adapt
 from posttrain.data.formats import parse_preference, parse_ranked, parse_sft, parse_unpaired
 from posttrain.data.inspect import detect_format
 from posttrain.data.load import read_records
-from posttrain.errors import DataError, UserError
 
 TARGETS = ("sft", "preference", "unpaired")
 PARSERS = {"sft": parse_sft, "preference": parse_preference, "unpaired": parse_unpaired}
@@ -40,7 +40,8 @@ def _prompt_completion(record: dict) -> tuple[object, object]:
     """(prompt, completion) of an SFT record: ``messages`` split before the last assistant turn."""
     if "messages" in record:
         messages = record["messages"]
-        last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), default=None)
+        last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
+                   default=None)
         if last is None:
             raise ValueError("has no assistant message")
         return messages[:last], messages[last:last + 1]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from posttrain.errors import DataError
+from posttrain.core.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -78,12 +78,14 @@ class RecordChecker:
         if isinstance(value, str):
             return [Segment(value)]
         if not isinstance(value, list) or not value:
-            raise self.fail(name, f"must be a string or a non-empty list of {{text, weight}} segments, got {value!r:.60}")
+            raise self.fail(name,
+                            f"must be a string or a non-empty list of {{text, weight}} segments, got {value!r:.60}")
         out = []
         for i, item in enumerate(value):
             if not isinstance(item, dict) or "text" not in item:
                 raise self.fail(f"{name}[{i}]", "a segment must be an object with 'text' (and optional 'weight')")
-            out.append(Segment(self.text(item["text"], f"{name}[{i}].text"), self.weight(item.get("weight", 1.0), f"{name}[{i}].weight")))
+            out.append(Segment(self.text(item["text"], f"{name}[{i}].text"),
+                               self.weight(item.get("weight", 1.0), f"{name}[{i}].weight")))
         return out
 
     def messages(self, value, name: str) -> list[Message]:
@@ -95,7 +97,8 @@ class RecordChecker:
         for i, item in enumerate(value):
             where = f"{name}[{i}]"
             if not isinstance(item, dict):
-                raise self.fail(where, f"a message must be an object with 'role' and 'content', got {type(item).__name__}")
+                raise self.fail(where,
+                                f"a message must be an object with 'role' and 'content', got {type(item).__name__}")
             if "role" not in item:
                 raise self.fail(f"{where}.role", "missing")
             role = item["role"]
@@ -104,7 +107,9 @@ class RecordChecker:
             if "content" not in item or item["content"] is None:
                 raise self.fail(f"{where}.content", "missing")
             content = item["content"]
-            segments = self.segments(content, f"{where}.content") if role == "assistant" else [Segment(self.text(content, f"{where}.content"))]
+            segments = self.segments(content,
+                                     f"{where}.content") if role == "assistant" else [Segment(self.text(content,
+                                                                                                        f"{where}.content"))]
             out.append(Message(role, segments, self.weight(item.get("weight", 1.0), f"{where}.weight")))
         return out
 
@@ -141,7 +146,9 @@ def parse_sft(path: str, where: str, record: dict) -> SFTExample:
         return SFTExample(prompt=prompt, completion=completion, weight=weight)
     if "text" in record:
         return SFTExample(prompt="", completion=check.segments(record["text"], "text"), weight=weight)
-    raise check.fail(None, f"not an SFT record: expected 'messages', 'prompt' + 'completion' or 'text' (found {', '.join(sorted(record)) or 'no fields'})")
+    raise check.fail(None,
+                     f"not an SFT record: expected 'messages', 'prompt' + 'completion' or 'text' (found "
+                     f"{', '.join(sorted(record)) or 'no fields'})")
 
 
 @dataclass

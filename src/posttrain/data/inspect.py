@@ -14,10 +14,12 @@ from collections import Counter
 
 import numpy as np
 
+from posttrain.core.errors import DataError
 from posttrain.data.adapters import adapt
+from posttrain.data.config import DataConfig
 from posttrain.data.formats import parse_preference, parse_ranked, parse_sft, parse_unpaired
 from posttrain.data.load import jsonl_entries, read_records, resolve_path
-from posttrain.errors import DataError
+from posttrain.data.tokenize import ExampleTokenizer
 
 FORMATS = ("sft", "preference", "unpaired", "ranked")
 
@@ -77,9 +79,6 @@ def length_summary(values: list[int], bins: int = 10) -> dict:
 def inspect_file(path: str, tokenizer, max_length: int = 1024, fmt: str = "auto", limit: int | None = None,
                  chat_template: str | None = None) -> dict:
     """Counts, token lengths per field, truncation at ``max_length``, duplicates and format errors of ``path``."""
-    from posttrain.config import DataConfig
-    from posttrain.data.tokenize import ExampleTokenizer
-
     tokenize = ExampleTokenizer(tokenizer, DataConfig(train=path, max_length=10**9, chat_template=chat_template))
     lengths: dict[str, list[int]] = {"prompt": [], "total": []}
     errors, formats, records, truncated, prompt_too_long = [], Counter(), 0, 0, 0
@@ -129,7 +128,8 @@ def format_inspection(report: dict, shown_errors: int = 10) -> str:
              f"({', '.join(f'{n} {k}' for k, n in report['formats'].items()) or 'none'})"]
     lines.append("tokens per example (chat template applied; total: the longest side of a pair or ranking):")
     for name, s in report["lengths"].items():
-        lines.append(f"  {name:10s} mean {s['mean']:7.1f}  min {s['min']:5d}  p50 {s['p50']:7.0f}  p90 {s['p90']:7.0f}  "
+        lines.append(f"  {name:10s} mean {s['mean']:7.1f}  min {s['min']:5d}  p50 {s['p50']:7.0f}  p90 "
+                     f"{s['p90']:7.0f}  "
                      f"p99 {s['p99']:7.0f}  max {s['max']:6d}")
     total = report["lengths"].get("total")
     if total:
@@ -142,7 +142,8 @@ def format_inspection(report: dict, shown_errors: int = 10) -> str:
     lines.append(f"longer than max_length={report['max_length']}: {report['truncated']} "
                  f"({report['truncated'] / valid:.1%} of valid records); of these, {report['prompt_too_long']} have a "
                  "prompt that alone fills max_length (right truncation leaves them nothing to train on: dropped)")
-    lines.append(f"exact duplicates: {report['duplicate_records']} records, {report['duplicate_prompts']} repeated prompts")
+    lines.append(f"exact duplicates: {report['duplicate_records']} records, {report['duplicate_prompts']} repeated "
+                 f"prompts")
     lines.append(f"format errors: {len(report['errors'])}")
     for error in report["errors"][:shown_errors]:
         lines.append(f"  {error['where']}: {error['message']}")

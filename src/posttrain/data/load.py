@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.errors import DataError, UserError
+from posttrain.core.errors import DataError, UserError
+from posttrain.data.adapters import adapt
 
 Located = tuple[str, dict]  # ("line 12", record)
 
@@ -35,7 +36,8 @@ def read_records(path: str, limit: int | None = None) -> Iterator[Located]:
         raise UserError(f"{path}: no such file or directory")
     reader = _READERS.get(file.suffix.lower()) if file.is_file() else _read_saved_dataset
     if reader is None:
-        raise UserError(f"{path}: unsupported data format {file.suffix!r} (use .jsonl, .json, .parquet, .csv or a saved dataset)")
+        raise UserError(f"{path}: unsupported data format {file.suffix!r} (use .jsonl, .json, .parquet, .csv or a "
+                        f"saved dataset)")
     for count, (where, record) in enumerate(reader(file, path)):
         if limit is not None and count >= limit:
             return
@@ -157,10 +159,9 @@ def _read_saved_dataset(file: Path, name: str) -> Iterator[Located]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
 
 
-def load_sources(sources, seed: int = 0, limit: int | None = None, label: str | None = None) -> list[tuple[str, str, dict]]:
+def load_sources(sources, seed: int = 0, limit: int | None = None,
+                 label: str | None = None) -> list[tuple[str, str, dict]]:
     """All records of a data mixture as ``(path, location, record)``, adapters applied (see :func:`mixture`)."""
-    from posttrain.data.adapters import adapt
-
     records = [[(source.path, where, adapt(source.adapter, record, source.path, where))
                 for where, record in read_records(source.path, source.limit)] for source in sources]
     parts = mixture(sources, [len(r) for r in records], seed, limit, label or "data")

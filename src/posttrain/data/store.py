@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from posttrain.core.cache import cache_root, digest_files
+from posttrain.data import adapters, formats, load, tokenize
+from posttrain.data.adapters import adapt
 from posttrain.data.load import mixture, read_records, resolve_path
 from posttrain.data.tokenize import TokenizedExample
 
@@ -74,7 +77,11 @@ def settings_of(value):
     if inspect.isroutine(value) or isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
     if hasattr(value, "__dict__"):
-        return {type(value).__qualname__: {k: settings_of(v) for k, v in sorted(vars(value).items()) if not k.startswith("_")}}
+        return {
+            type(value).__qualname__: {
+                k: settings_of(v) for k, v in sorted(vars(value).items()) if not k.startswith("_")
+            }
+        }
     return value if isinstance(value, str | int | float | bool | type(None)) else repr(value)
 
 
@@ -86,7 +93,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     key = id(tokenizer)
     if key not in _TOKENIZER_FINGERPRINTS:
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        spec = [type(tokenizer).__name__, backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+        spec = [type(tokenizer).__name__,
+                backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
                 tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None),
                 getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)]
         _TOKENIZER_FINGERPRINTS[key] = hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()
@@ -94,8 +102,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _code_digest(encoder: Encoder) -> str:
-    from posttrain.data import adapters, formats, load, tokenize
-
     digest = hashlib.sha256(str(FORMAT).encode())
     for module in (adapters, formats, load, tokenize, inspect.getmodule(encode_file), inspect.getmodule(type(encoder))):
         digest.update(Path(inspect.getsourcefile(module)).read_bytes())
@@ -103,8 +109,6 @@ def _code_digest(encoder: Encoder) -> str:
 
 
 def cache_key(path: str, adapter: str, limit: int | None, encoder: Encoder) -> str:
-    from posttrain.cache import digest_files
-
     file = resolve_path(path)
     files = sorted(f for f in file.rglob("*") if f.is_file()) if file.is_dir() else [file]
     spec = [digest_files(files), adapter, limit, settings_of(encoder), _code_digest(encoder)]
@@ -122,8 +126,6 @@ def _start_worker(encoder: Encoder) -> None:
 
 def encode_chunk(path: str, adapter: str, chunk: list[tuple[str, dict]], encoder: Encoder | None = None):
     """A chunk of records as one Arrow record batch, with (examples, dropped) per record."""
-    from posttrain.data.adapters import adapt
-
     encoder = encoder or _WORKER_ENCODER
     rows: list[Encoded] = []
     per_record = np.zeros((len(chunk), 2), np.int64)
@@ -142,8 +144,10 @@ def record_batch(rows: list[Encoded], tallies: tuple[str, ...]) -> pa.RecordBatc
     per_sequence = np.zeros(len(sequences) + 1, np.int64)
     per_sequence[1:] = np.cumsum(lengths)
     ids = np.concatenate([s.input_ids for s in sequences]).astype(np.int32) if sequences else np.zeros(0, np.int32)
-    weights = np.concatenate([s.weights for s in sequences]).astype(np.float32) if sequences else np.zeros(0, np.float32)
-    nested = lambda flat: pa.ListArray.from_arrays(pa.array(per_row), pa.LargeListArray.from_arrays(pa.array(per_sequence), flat))
+    weights = np.concatenate([s.weights for s in sequences]).astype(np.float32) if sequences else np.zeros(0,
+                                                                                                           np.float32)
+    nested = lambda flat: pa.ListArray.from_arrays(pa.array(per_row),
+                                                   pa.LargeListArray.from_arrays(pa.array(per_sequence), flat))
     columns = {
         "input_ids": nested(pa.array(ids)),
         "weights": nested(pa.array(weights)),
@@ -151,7 +155,8 @@ def record_batch(rows: list[Encoded], tallies: tuple[str, ...]) -> pa.RecordBatc
         "tokens": pa.array([sum(len(s.input_ids) for s in row.sequences) for row in rows], pa.int64()),
         "targets": pa.array([sum(s.num_targets for s in row.sequences) for row in rows], pa.int64()),
         "extra": pa.array([json.dumps(row.extra) if row.extra is not None else "" for row in rows], pa.large_string()),
-        **{f"tally/{name}": pa.array([float(row.tally.get(name, 0.0)) for row in rows], pa.float64()) for name in tallies},
+        **{f"tally/{name}": pa.array([float(row.tally.get(name, 0.0)) for row in rows],
+                                     pa.float64()) for name in tallies},
     }
     return pa.RecordBatch.from_pydict(columns)
 
@@ -170,8 +175,6 @@ def _chunks(path: str, limit: int | None, size: int):
 def encode_file(source, limit: int | None, encoder: Encoder, num_proc: int | None, quiet: bool) -> Path:
     """The cache directory of ``source`` encoded by ``encoder`` (made now if missing)."""
     from tqdm.auto import tqdm
-
-    from posttrain.cache import cache_root
 
     directory = cache_root() / "examples" / cache_key(source.path, source.adapter, limit, encoder)
     if (directory / "records.npy").exists():
@@ -273,14 +276,19 @@ class EncodedFile:
     def _arrays(batch: pa.RecordBatch) -> tuple:
         ids, weights = batch.column("input_ids"), batch.column("weights")
         return (ids.offsets.to_numpy(), ids.values.offsets.to_numpy(), ids.values.values.to_numpy(),
-                weights.values.values.to_numpy(), batch.column("extra"), batch.column("truncated").to_numpy(zero_copy_only=False))
+                weights.values.values.to_numpy(), batch.column("extra"),
+                batch.column("truncated").to_numpy(zero_copy_only=False))
 
     @property
     def num_records(self) -> int:
         return len(self.row_count)
 
     def column(self, name: str) -> np.ndarray:
-        return np.concatenate([b.column(name).to_numpy(zero_copy_only=False) for b in self.batches]) if self.batches else np.zeros(0)
+        return (
+            np.concatenate([b.column(name).to_numpy(zero_copy_only=False) for b in self.batches])
+            if self.batches
+            else np.zeros(0)
+        )
 
     def row(self, row: int) -> tuple[list[TokenizedExample], dict | None]:
         b = int(np.searchsorted(self.starts, row, side="right")) - 1
@@ -329,11 +337,11 @@ class Examples(Sequence):
         return self.paths[self.file_of[i]]
 
 
-def load_examples(recipe, which: str, encoder: Encoder, make: Callable, quiet: bool = False) -> Examples | list:
-    """The examples of ``data.train`` or ``data.eval`` (``[]`` when the recipe has none), encoded or read from the
-    cache. ``summary`` counts records, examples, dropped and truncated ones, tokens, target tokens and the
-    encoder's tallies over the mixture."""
-    data = recipe.data
+def load_examples(data, seed: int, which: str, encoder: Encoder, make: Callable,
+                  quiet: bool = False) -> Examples | list:
+    """The examples of ``data.train`` or ``data.eval`` (``[]`` when the recipe has none; ``data`` is its
+    ``DataConfig``, ``seed`` orders the mixture), encoded or read from the cache. ``summary`` counts records,
+    examples, dropped and truncated ones, tokens, target tokens and the encoder's tallies over the mixture."""
     sources = data.sources(which)
     if not sources:
         return []
@@ -344,7 +352,7 @@ def load_examples(recipe, which: str, encoder: Encoder, make: Callable, quiet: b
         if len(sources) == 1 and source.weight == 1 and limit:  # the mixture would take only the first `limit`
             read_limit = min(limit, source.limit or limit)
         files.append(EncodedFile(encode_file(source, read_limit, encoder, data.num_proc, quiet)))
-    parts = mixture(sources, [f.num_records for f in files], recipe.train.seed, limit, None if quiet else f"data.{which}")
+    parts = mixture(sources, [f.num_records for f in files], seed, limit, None if quiet else f"data.{which}")
     file_of, rows = [], []
     for k, (file, records) in enumerate(zip(files, parts)):
         counts, firsts = file.row_count[records], file.first_row[records]

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from posttrain.core.errors import UserError
 from posttrain.data.formats import Message, Segment, SFTExample
-from posttrain.errors import UserError
 
 CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TEMPLATE_PRESETS = {"chatml": CHATML}
@@ -53,7 +54,8 @@ class ChatFormatter:
         self.tokenizer = tokenizer
         self.template = template_text(template)
         if self.template is None and not getattr(tokenizer, "chat_template", None):
-            raise UserError("the tokenizer has no chat template: set data.chat_template (e.g. 'chatml' or a Jinja string)")
+            raise UserError("the tokenizer has no chat template: set data.chat_template (e.g. 'chatml' or a Jinja "
+                            "string)")
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         plain = [{"role": m.role, "content": m.content} for m in messages]
@@ -155,7 +157,11 @@ class ExampleTokenizer:
 
     def __init__(self, tokenizer, data_cfg, assistant_only: bool = True):
         self.tokenizer, self.assistant_only = tokenizer, assistant_only
-        self.max_length, self.truncation, self.chat_template = data_cfg.max_length, data_cfg.truncation, data_cfg.chat_template
+        self.max_length, self.truncation, self.chat_template = (
+            data_cfg.max_length,
+            data_cfg.truncation,
+            data_cfg.chat_template,
+        )
         self._formatter: ChatFormatter | None = None
 
     def __call__(self, example: SFTExample) -> TokenizedExample | None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from posttrain.core.errors import DataError
+from posttrain.data.config import DataSource
 from posttrain.data.load import load_sources
-from posttrain.errors import DataError
-from posttrain.evaluate.answers import is_correct
+from posttrain.rewards.answers import is_correct
 from posttrain.rollout.generate import generate
 
 
 def load_answer_records(path: str, limit: int | None = None) -> list[dict]:
     """Records with ``prompt`` (text or messages) and ``answer``; GSM8K layout is adapted automatically."""
-    from posttrain.config import DataSource
-
     records = []
     for file, where, record in load_sources([DataSource(path=path, limit=limit)]):
         for field in ("prompt", "answer"):

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.evaluate import stats
 from posttrain.evaluate.model import EvalModel
 from posttrain.evaluate.tasks import EVAL_TASKS, EvalContext, EvalOptions, TaskResult
@@ -46,7 +46,8 @@ def compare(result: TaskResult, base: TaskResult) -> tuple[dict[str, stats.Estim
         base_values, base_denominators = base.per_example[name]
         if len(values) != len(base_values):
             unpaired[name] = f"different numbers of examples ({len(values)} vs {len(base_values)})"
-        elif denominators is not None and not (base_denominators is not None and (denominators == base_denominators).all()):
+        elif denominators is not None and not (base_denominators is not None
+                                               and (denominators == base_denominators).all()):
             unpaired[name] = "the two models tokenize the examples differently: per-token values do not pair"
         else:
             out[name] = stats.paired_difference(values, base_values, denominators)
@@ -97,8 +98,10 @@ def recipe_evals(specs: list, model, tokenizer, baselines: dict) -> tuple[dict[s
         options = EvalOptions(**spec.model_dump(exclude={"task", "data", "baseline"}))
         baseline = baselines.setdefault(spec.baseline, EvalModel(spec.baseline, batch_size=options.batch_size)) \
             if spec.baseline else None
-        current = EvalModel(model=model, tokenizer=tokenizer, name="the model in training", batch_size=options.batch_size)
-        entry = run_eval(current, [spec.task], {spec.task: spec.data}, options, baseline, say=lambda _: None)["tasks"][spec.task]
+        current = EvalModel(model=model, tokenizer=tokenizer, name="the model in training",
+                            batch_size=options.batch_size)
+        entry = run_eval(current, [spec.task], {spec.task: spec.data}, options, baseline,
+                         say=lambda _: None)["tasks"][spec.task]
         for suffix, estimates in (("", entry["metrics"]), ("_diff", entry.get("difference", {}))):
             for metric, e in estimates.items():
                 key = f"eval/{spec.task}/{metric}{suffix}"

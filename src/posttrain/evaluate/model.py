@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
-from posttrain.cache import cache_root, digest_files
-from posttrain.rollout.backend import SamplingSettings
+from posttrain.core.cache import cache_root, digest_files
+from posttrain.model.load import load_model, load_tokenizer, resolve_model
+from posttrain.rollout.backend import SamplingSettings, TransformersBackend
+from posttrain.rollout.generate import render_prompt
 
 FINGERPRINTED = ("*.safetensors", "*.bin", "*.gguf", "config.json", "adapter_config.json", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -93,21 +95,15 @@ class EvalModel:
 
     @cached_property
     def path(self) -> str:
-        from posttrain.models import resolve_model
-
         return resolve_model(self.spec)
 
     @cached_property
     def tokenizer(self):
-        from posttrain.models import load_tokenizer
-
         return load_tokenizer(self.path)
 
     @cached_property
     def model(self):
         from accelerate import PartialState
-
-        from posttrain.models import load_model
 
         model = load_model(self.path)
         if hasattr(model, "merge_and_unload"):  # an adapter: merged for inference, one matmul per layer
@@ -121,9 +117,6 @@ class EvalModel:
     def generate(self, prompts: list, settings: SamplingSettings, samples: int = 1, seed: int = 0,
                  progress: bool = True) -> list[list[Generation]]:
         """``samples`` generations per prompt (strings or message lists, rendered with the chat template)."""
-        from posttrain.rollout.backend import TransformersBackend
-        from posttrain.rollout.generate import render_prompt
-
         rendered = [render_prompt(self.tokenizer, p) for p in prompts]
         seed = seed if settings.temperature > 0 else 0  # greedy replies do not depend on it: one cache entry
         keys = [[sample_key(text, settings, seed, s) for s in range(samples)] for text in rendered]

@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from posttrain.config import EvalOptions
-from posttrain.errors import UserError
+from posttrain.core.errors import DataError, UserError
+from posttrain.data.adapters import adapt
+from posttrain.data.load import read_records
 from posttrain.evaluate import stats
+from posttrain.evaluate.accuracy import load_answer_records
+from posttrain.evaluate.config import EvalOptions
+from posttrain.evaluate.heldout import pair_logprobs, preference_margins, record_losses
 from posttrain.evaluate.model import EvalModel, Generation
+from posttrain.infer.decoding import load_reward, majority_vote
+from posttrain.rewards.answers import is_correct, reference_answer
+from posttrain.rewards.judge import PairwiseJudge
 from posttrain.rollout.backend import SamplingSettings
 
 
@@ -103,10 +110,6 @@ EVAL_TASKS = TaskRegistry()
 def load_prompts(path: str, limit: int | None) -> tuple[list, list[dict]]:
     """(prompts, records): a record's ``prompt`` (HH-RLHF and GSM8K layouts adapted), or its ``messages`` up to the
     last user turn."""
-    from posttrain.data.adapters import adapt
-    from posttrain.data.load import read_records
-    from posttrain.errors import DataError
-
     prompts, records = [], []
     for where, record in read_records(path, limit):
         record = adapt("auto", record, path, where)
@@ -116,7 +119,8 @@ def load_prompts(path: str, limit: int | None) -> tuple[list, list[dict]]:
             last_user = max(i for i, m in enumerate(record["messages"]) if _is_user(m))
             prompts.append(record["messages"][: last_user + 1])
         else:
-            raise DataError(path, where, "prompt", "missing (generation tasks need a prompt, or messages with a user turn)")
+            raise DataError(path, where, "prompt",
+                            "missing (generation tasks need a prompt, or messages with a user turn)")
         records.append(record)
     if not prompts:
         raise UserError(f"{path}: no records")
@@ -140,8 +144,6 @@ def showcase(prompts: list, generations: list[list[Generation]], extra=None, cou
 @EVAL_TASKS.register("perplexity", reads={"limit", "max_length"})
 def perplexity(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """token-mean NLL (loss) and perplexity of the gold completions of text or conversational records"""
-    from posttrain.evaluate.heldout import record_losses
-
     nll, tokens = record_losses((model.model, model.tokenizer), data, ctx.options.limit, ctx.options.max_length)
     loss = stats.ratio(nll.numpy(), tokens.numpy())
     ppl = stats.Estimate(math.exp(loss.value), math.exp(loss.low), math.exp(loss.high), loss.n, loss.interval)
@@ -165,8 +167,6 @@ def forgetting(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
 @EVAL_TASKS.register("preference_accuracy", reads={"limit", "max_length", "reference"})
 def preference_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """share of pairs whose chosen reply the model prefers: implicit reward vs --reference, or log-prob margin"""
-    from posttrain.evaluate.heldout import pair_logprobs, preference_margins
-
     o = ctx.options
     policy = pair_logprobs((model.model, model.tokenizer), data, o.limit, o.max_length)
     reference = None
@@ -175,9 +175,12 @@ def preference_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskRe
         reference = pair_logprobs((ref.model, ref.tokenizer), data, o.limit, o.max_length)
     margin = preference_margins(policy, reference).numpy()
     correct = (margin > 0) + 0.5 * (margin == 0)
-    return TaskResult({"accuracy": stats.proportion(correct), "margin": stats.mean(margin)},
-                      {"accuracy": (correct, None), "margin": (margin, None)}, {"accuracy": 1, "margin": 1},
-                      info={"scored_by": f"implicit reward against {o.reference}" if o.reference else "mean log-prob margin"})
+    return TaskResult(
+        {"accuracy": stats.proportion(correct), "margin": stats.mean(margin)},
+        {"accuracy": (correct, None), "margin": (margin, None)},
+        {"accuracy": 1, "margin": 1},
+        info={"scored_by": f"implicit reward against {o.reference}" if o.reference else "mean log-prob margin"},
+    )
 
 
 # -- generation tasks ------------------------------------------------------------------------------------------
@@ -192,9 +195,6 @@ def ends_with_answer(text: str) -> bool:
 @EVAL_TASKS.register("answer_accuracy", reads=GENERATION | {"k"})
 def answer_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     """GSM8K-style: greedy accuracy, answer format, and with --k sampled pass@k and maj@k"""
-    from posttrain.evaluate.accuracy import load_answer_records
-    from posttrain.evaluate.answers import is_correct
-
     o = ctx.options
     records = load_answer_records(data, o.limit)
     prompts = [r["prompt"] for r in records]
@@ -223,9 +223,6 @@ def answer_accuracy(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult
 
 def _vote_correct(texts: list[str], answer) -> float:
     """Whether the majority answer of ``texts`` (ties: the answer given first) is the reference."""
-    from posttrain.evaluate.answers import reference_answer
-    from posttrain.infer.decoding import majority_vote
-
     winner, _ = majority_vote(texts)
     return float(winner is not None and winner == reference_answer(answer))
 
@@ -287,7 +284,8 @@ def diversity(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
             vectors = embed(flat)
             distance = lambda idx: _mean_pairwise_distance(vectors, idx)  # noqa: E731
             low, high = stats.statistic_interval(distance, len(flat), o.seed)
-            metrics["embedding_distance"] = stats.Estimate(distance(range(len(flat))), low, high, len(flat), "bootstrap")
+            metrics["embedding_distance"] = stats.Estimate(distance(range(len(flat))), low, high, len(flat),
+                                                           "bootstrap")
     return TaskResult(metrics, per_example, {key: 0 for key in metrics}, showcase(prompts, gens),
                       {"embedding_model": "all-MiniLM-L6-v2" if embed is not None else None})
 
@@ -366,18 +364,15 @@ def win_rate(model: EvalModel, data: str, ctx: EvalContext) -> TaskResult:
     a, b = [g[0].text for g in ours], [g[0].text for g in theirs]
     metrics, info = {}, {}
     if o.judge:
-        from posttrain.infer.decoding import load_reward
-
         scorer = load_reward(o.judge, batch_size=o.batch_size)
         columns = {key: [r.get(key) for r in records] for key in ("answer",) if all(key in r for r in records)}
         score_a, score_b = np.array(scorer(prompts, a, columns)), np.array(scorer(prompts, b, columns))
         outcome = (score_a > score_b) + 0.5 * (score_a == score_b)
         info["judge"] = o.judge
     else:
-        from posttrain.rewards.judge import PairwiseJudge
-
         judge_model = ctx.load(o.llm_judge)
-        verdicts = PairwiseJudge(judge_model.model, judge_model.tokenizer, batch_size=o.batch_size).compare(prompts, a, b)
+        verdicts = PairwiseJudge(judge_model.model, judge_model.tokenizer, batch_size=o.batch_size).compare(prompts, a,
+                                                                                                            b)
         first_slot = verdicts.first_slot.numpy()  # [2n]: P(reply A wins) as asked, ours first then theirs first
         outcome = np.where(verdicts.consistent.numpy(), (verdicts.first_better.numpy() > 0.5).astype(np.float64), 0.5)
         metrics["position_bias"] = stats.proportion((first_slot > 0.5).astype(np.float64))

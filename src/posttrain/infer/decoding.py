@@ -24,7 +24,11 @@ from typing import Callable
 
 import torch
 
-from posttrain.evaluate.answers import extract_answer
+from posttrain.core.errors import UserError
+from posttrain.model.load import looks_like_path
+from posttrain.rewards import resolve_reward
+from posttrain.rewards.answers import extract_answer
+from posttrain.rewards.model import load_scorer
 from posttrain.rollout.generate import generate, render_prompt
 
 Scorer = Callable[..., list[float]]  # (prompts, completions, columns=None) -> one score per completion
@@ -39,7 +43,8 @@ def sample_n(model, tokenizer, prompts: list, n: int, max_new_tokens: int = 256,
     return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def best_of_n(candidates: list[list[str]], scores: list[list[float]], n: int | None = None) -> list[tuple[int, str, float]]:
+def best_of_n(candidates: list[list[str]], scores: list[list[float]],
+              n: int | None = None) -> list[tuple[int, str, float]]:
     """Per prompt, (index, completion, score) of the best of its first ``n`` candidates (all when ``n`` is None);
     the first wins a tie. Taking the first n of one larger sample gives the whole best-of-N curve from one run."""
     out = []
@@ -82,16 +87,9 @@ def load_reward(spec: str, device="cpu", batch_size: int = 16, **options) -> Sco
     A function's None (could not score) ranks below every score."""
     from pathlib import Path
 
-    from posttrain.models import looks_like_path
-
     if Path(spec).expanduser().exists() or looks_like_path(spec):
-        from posttrain.rewards.model import load_scorer
-
         model = load_scorer(spec, device, batch_size=batch_size, **options)
         return lambda prompts, completions, columns=None: model(prompts, completions)
-    from posttrain.errors import UserError
-    from posttrain.rewards import resolve_reward
-
     try:
         function = resolve_reward(spec)
     except ValueError as exc:
@@ -117,7 +115,8 @@ def urial_prompt(query: str, preamble: str | None = None) -> str:
     """The raw-text prompt that aligns a base model in context: preamble, then the query in the same layout as the
     examples, ending where the answer starts (cut the completion with ``urial_answer``)."""
     preamble = urial_examples() if preamble is None else preamble
-    return f"{preamble.rstrip()}\n\n{URIAL_QUERY}\n{URIAL_FENCE}\n{query}\n{URIAL_FENCE}\n\n{URIAL_ANSWER}\n{URIAL_FENCE}\n"
+    return (f"{preamble.rstrip()}\n\n{URIAL_QUERY}\n{URIAL_FENCE}\n{query}\n{URIAL_FENCE}\n\n"
+            f"{URIAL_ANSWER}\n{URIAL_FENCE}\n")
 
 
 def urial_answer(completion: str) -> str:
@@ -133,7 +132,8 @@ _WORD = re.compile(r"\s*\S+")
 
 @torch.no_grad()
 def nudge(base, base_tokenizer, nudger, nudger_tokenizer, prompt, threshold: float = 0.4, max_new_tokens: int = 256,
-          base_chat: bool = False, nudge_tokens: int = 8, base_prompt: str | None = None, stop: tuple[str, ...] = ()) -> dict:
+          base_chat: bool = False, nudge_tokens: int = 8, base_prompt: str | None = None,
+          stop: tuple[str, ...] = ()) -> dict:
     """Greedy decoding by ``base`` where it is confident; where its top-1 probability is below ``threshold``, the
     aligned ``nudger`` writes the next word (greedy, up to ``nudge_tokens`` tokens, cut at the word's end). The base
     reads the prompt as raw text (``base_chat`` for its chat template, or ``base_prompt`` as given, e.g. a URIAL
@@ -173,14 +173,16 @@ def nudge(base, base_tokenizer, nudger, nudger_tokenizer, prompt, threshold: flo
 
 # -- reward-guided chunk decoding ----------------------------------------------------------------------------
 @torch.no_grad()
-def _continue(model, tokenizer, prefix: str, k: int, chunk_tokens: int, temperature: float, top_p: float) -> list[tuple[str, bool]]:
+def _continue(model, tokenizer, prefix: str, k: int, chunk_tokens: int, temperature: float,
+              top_p: float) -> list[tuple[str, bool]]:
     """``k`` sampled continuations of ``prefix`` of at most ``chunk_tokens`` tokens: (text, ended with EOS)."""
     device = next(model.parameters()).device
     enc = tokenizer([prefix] * k, return_tensors="pt", add_special_tokens=False).to(device)
     out = model.generate(**enc, max_new_tokens=chunk_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                          top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     rows = out[:, enc["input_ids"].shape[1] :]
-    return [(tokenizer.decode(row, skip_special_tokens=True), bool((row == tokenizer.eos_token_id).any())) for row in rows]
+    return [(tokenizer.decode(row, skip_special_tokens=True),
+             bool((row == tokenizer.eos_token_id).any())) for row in rows]
 
 
 def reward_guided(model, tokenizer, prompt, scorer: Scorer, candidates: int = 4, chunk_tokens: int = 16,

@@ -22,7 +22,8 @@ ADVANTAGES = Registry("advantage estimator", key="rl.advantage", settings="rl")
 def group_statistics(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each completion's group mean, unbiased group standard deviation (0 for a group of one) and group size."""
     _, inverse = torch.unique(groups, return_inverse=True)
-    count = torch.zeros(int(inverse.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add(0, inverse, torch.ones_like(rewards))
+    count = torch.zeros(int(inverse.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add(0, inverse,
+                                                                                                      torch.ones_like(rewards))
     total = torch.zeros_like(count).index_add(0, inverse, rewards)
     mean = (total / count)[inverse]
     squares = torch.zeros_like(count).index_add(0, inverse, (rewards - mean) ** 2)
@@ -81,7 +82,7 @@ def rloo(rewards, groups, token_seq, token_penalty) -> torch.Tensor:
     return torch.where(count > 1, rewards - others, torch.zeros_like(rewards))[token_seq]
 
 
-@ADVANTAGES.register("reinforce_pp")
+@ADVANTAGES.register("reinforce_pp", needs=["kl_in_reward"])
 def reinforce_pp(rewards, groups, token_seq, token_penalty) -> torch.Tensor:
     """REINFORCE++ (Hu et al., 2025, Eqs. 5-7): the reward arrives at the last token, every token pays its KL
     penalty (``rl.kl_in: reward``, ``rl.kl_coef``), the return of token t is the sum of what follows (gamma 1),
@@ -130,7 +131,8 @@ def _reverse_cumsum_per_sequence(values: torch.Tensor, token_seq: torch.Tensor, 
 
 
 def advantages(name: str, rewards: torch.Tensor, groups: torch.Tensor, token_seq: torch.Tensor,
-               token_penalty: torch.Tensor | None = None, baselines: torch.Tensor | None = None, **settings) -> torch.Tensor:
+               token_penalty: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
+               **settings) -> torch.Tensor:
     """Per-token advantages [N] by the registered estimator ``name``; unset settings take its defaults.
     ``baselines`` [B]: the greedy completion's reward per completion, for estimators that need it (remax)."""
     spec = ADVANTAGES[name]

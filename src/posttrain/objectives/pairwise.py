@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.objectives.registry import LossSpec, Registry
 
 
@@ -281,7 +281,8 @@ def cpo(pair: Pair, beta: float = 0.1, alpha: float = 1.0, label_smoothing: floa
     """CPO (Xu et al., 2024, Eq. 3 plus the NLL term of Eq. 4):
     ``-log sigma(beta (log pi(y_w) - log pi(y_l))) + alpha * NLL(y_w)/|y_w|``."""
     n_w, _ = pair.lengths()
-    return _smoothed(beta * (pair.chosen_logps - pair.rejected_logps), label_smoothing) + alpha * -pair.chosen_logps / n_w
+    return _smoothed(beta * (pair.chosen_logps - pair.rejected_logps),
+                     label_smoothing) + alpha * -pair.chosen_logps / n_w
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +313,8 @@ def tpo(pair: Pair, beta: float = 0.1, alpha: float = 1.0, label_smoothing: floa
 
 
 @register_pairwise("tpo_l", needs=("gold",), reward="mean_logps")
-def tpo_l(pair: Pair, beta: float = 2.0, alpha: float = 1.0, gamma: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
+def tpo_l(pair: Pair, beta: float = 2.0, alpha: float = 1.0, gamma: float = 1.0,
+          label_smoothing: float = 0.0) -> torch.Tensor:
     """TPO-L (Saeidi et al., 2024): TPO on length-averaged log-probs with a SimPO-style target margin gamma:
     ``-log sigma(beta (a_w - a_l) - gamma) + alpha * NLL(y_gold)/|y_gold|`` (beta and gamma default to SimPO's)."""
     if pair.gold_logps is None:
@@ -420,7 +422,8 @@ def pairwise_loss(
         raise ValueError(f"{len(names)} losses but {len(weights)} weights")
     extra = {k: hyperparameters.pop(k) for k in EXTRA_INPUTS if k in hyperparameters}
     wpo = [hyperparameters.pop(k, None) for k in ("chosen_wpo_logps", "rejected_wpo_logps")]
-    pair = Pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, **extra)
+    pair = Pair(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+                **extra)
     total = torch.zeros_like(chosen_logps)
     for loss_name, weight in zip(names, weights):
         spec = PAIRWISE[loss_name]

@@ -53,7 +53,8 @@ def ppo_clip(logps, old_logps, advantages, token_seq, epsilon_low: float = 0.2, 
 
 
 @POLICY_LOSSES.register("gspo")
-def gspo(logps, old_logps, advantages, token_seq, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4) -> PolicyLossOutput:
+def gspo(logps, old_logps, advantages, token_seq, epsilon_low: float = 3e-4,
+         epsilon_high: float = 4e-4) -> PolicyLossOutput:
     """GSPO (Zheng et al., 2025, "Group Sequence Policy Optimization", Eqs. 5-7 and GSPO-token, Eq. 13): the
     importance ratio is the sequence's length-normalized likelihood ratio
     ``s_i = exp(mean_t log(pi / pi_old))``, clipped per sequence; the per-token form
@@ -61,7 +62,8 @@ def gspo(logps, old_logps, advantages, token_seq, epsilon_low: float = 3e-4, eps
     The paper's clip range is (3e-4, 4e-4) around 1; aggregate with ``seq_mean_token_mean``."""
     log_ratio = _log_ratio(logps, old_logps)
     num = int(token_seq.max()) + 1 if token_seq.numel() else 0
-    count = torch.zeros(num, dtype=log_ratio.dtype, device=log_ratio.device).index_add(0, token_seq, torch.ones_like(log_ratio))
+    count = torch.zeros(num, dtype=log_ratio.dtype, device=log_ratio.device).index_add(0, token_seq,
+                                                                                       torch.ones_like(log_ratio))
     mean = torch.zeros_like(count).index_add(0, token_seq, log_ratio.detach()) / count.clamp(min=1)
     ratio = (mean[token_seq] + logps - logps.detach()).exp()
     unclipped = -advantages * ratio
@@ -72,7 +74,8 @@ def gspo(logps, old_logps, advantages, token_seq, epsilon_low: float = 3e-4, eps
 
 
 @POLICY_LOSSES.register("cispo")
-def cispo(logps, old_logps, advantages, token_seq, epsilon_low: float = 1.0, epsilon_high: float = 0.28) -> PolicyLossOutput:
+def cispo(logps, old_logps, advantages, token_seq, epsilon_low: float = 1.0,
+          epsilon_high: float = 0.28) -> PolicyLossOutput:
     """CISPO (MiniMax, 2025, "MiniMax-M1", Eq. 4): clip the importance weight, not the update, so every token keeps
     its gradient: ``-sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi``. As the paper, no lower bound by
     default (eps_low 1); eps_high 0.28 as verl / Trinity-RFT."""
@@ -81,7 +84,7 @@ def cispo(logps, old_logps, advantages, token_seq, epsilon_low: float = 1.0, eps
     return PolicyLossOutput(-weight * advantages * logps, ratio < 1.0 - epsilon_low, ratio > 1.0 + epsilon_high)
 
 
-@POLICY_LOSSES.register("reinforce")
+@POLICY_LOSSES.register("reinforce", needs=["on_policy"])
 def reinforce(logps, old_logps, advantages, token_seq) -> PolicyLossOutput:
     """REINFORCE (Williams, 1992) with the advantage as the weight: ``-A * log pi``. Unbiased only on-policy
     (``rl.num_iterations: 1``); RLOO and REINFORCE++ are this loss with their advantage estimators."""
@@ -107,7 +110,8 @@ def sampler_correction(old_logps: torch.Tensor, sampler_logps: torch.Tensor, tok
     level, action = mode.split("_")
     if level == "sequence":
         num = int(token_seq.max()) + 1 if token_seq.numel() else 0
-        log_rho = torch.zeros(num, dtype=log_rho.dtype, device=log_rho.device).index_add(0, token_seq, log_rho)[token_seq]
+        log_rho = torch.zeros(num, dtype=log_rho.dtype, device=log_rho.device).index_add(0, token_seq,
+                                                                                         log_rho)[token_seq]
     rho = log_rho.clamp(-20.0, 20.0).exp()
     if action == "truncate":
         return rho.clamp(max=cap), rho > cap
@@ -137,7 +141,8 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) ->
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
-def aggregation_weights(mode: str, token_seq: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+def aggregation_weights(mode: str, token_seq: torch.Tensor, lengths: torch.Tensor,
+                        max_new_tokens: int) -> tuple[torch.Tensor, float]:
     """Per-token weights and this micro-batch's share of the normalizer, such that the step loss is
     ``sum over the step's tokens (weight * loss) / sum over the step's micro-batches (normalizer)``:
 

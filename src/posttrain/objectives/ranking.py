@@ -129,7 +129,8 @@ def check_ranking(name: str, settings, beta: float | None = None) -> LossSpec:
     return RANKING.check([name], set(settings) | ({"beta"} if beta is not None else set()))[0]
 
 
-def ranking_loss(name: str, logps, lengths, scores, mask=None, ref_logps=None, beta: float | None = None, **hyperparameters):
+def ranking_loss(name: str, logps, lengths, scores, mask=None, ref_logps=None, beta: float | None = None,
+                 **hyperparameters):
     """Per-prompt losses [B] and metrics for ``[B, K]`` inputs; unset hyperparameters take the loss's defaults."""
     spec = RANKING[name]
     mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from posttrain.objectives.registry import LossSpec, Registry
 
-
 UNPAIRED = Registry("unpaired")
 
 
@@ -30,7 +29,7 @@ def kto(ratios, labels, kl, shift, beta: float = 0.1) -> torch.Tensor:
     return torch.where(labels, 1 - torch.sigmoid(beta * (ratios - z0)), 1 - torch.sigmoid(beta * (z0 - ratios)))
 
 
-@UNPAIRED.register("bco", needs=("reference",))
+@UNPAIRED.register("bco", needs=("reference", "reward_shift", "density_ratio"))
 def bco(ratios, labels, kl, shift, beta: float = 0.1) -> torch.Tensor:
     """BCO (Jung et al., 2024, Eq. 7): a binary classifier whose logit is the implicit reward
     r = beta l minus the reward shift delta (a running mean of the rewards, Eq. 9):

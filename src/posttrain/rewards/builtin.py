@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from posttrain.evaluate.answers import extract_answer, is_correct, reference_answer
+from posttrain.rewards.answers import extract_answer, is_correct, reference_answer
 
 
 def math_answer(prompts, completions, answer, **_) -> list[float | None]:

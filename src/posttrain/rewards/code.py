@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from posttrain.rewards.sandbox import Limits, require_isolation, run_python
+from posttrain.core.sandbox import Limits, require_isolation, run_python
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -18,7 +18,7 @@ def extract_program(completion: str) -> str:
 def code_tests(prompts, completions, tests, wall_seconds: float = 10.0, cpu_seconds: int = 10, memory_mb: int = 1024,
                allow_unsandboxed: bool = False, **_) -> list[float | None]:
     """1 if the program passes every line of the record's ``tests`` (Python statements, typically asserts) run
-    after it in one sandboxed process (:mod:`posttrain.rewards.sandbox`), else 0; None where a record has no tests."""
+    after it in one sandboxed process (:mod:`posttrain.core.sandbox`), else 0; None where a record has no tests."""
     limits = Limits(wall_seconds=wall_seconds, cpu_seconds=cpu_seconds, memory_mb=memory_mb)
     scores: list[float | None] = []
     for completion, lines in zip(completions, tests):

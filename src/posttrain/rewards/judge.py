@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
+from posttrain.data.batching import right_padded
+from posttrain.model.forward import final_hidden_states
+from posttrain.rollout.generate import render_prompt
 
 TEMPLATE = (
     "Here is a conversation and two candidate replies from the assistant.\n\n{conversation}\n\n"
@@ -49,8 +52,6 @@ class PairwiseJudge:
     def question(self, conversation, first: str, second: str) -> str:
         text = self.template.format(conversation=conversation_text(conversation), first=first, second=second)
         if self.tokenizer.chat_template:
-            from posttrain.rollout.generate import render_prompt
-
             return render_prompt(self.tokenizer, text)
         return text + "\nAnswer:"
 
@@ -60,7 +61,8 @@ class PairwiseJudge:
         n = len(firsts)
         questions = [self.question(c, a, b) for c, a, b in zip(conversations, firsts, seconds)]
         questions += [self.question(c, b, a) for c, a, b in zip(conversations, firsts, seconds)]
-        p_a = torch.cat([self.prob_a(questions[lo : lo + self.batch_size]) for lo in range(0, len(questions), self.batch_size)]) \
+        p_a = torch.cat([self.prob_a(questions[lo : lo + self.batch_size]) for lo in range(0, len(questions),
+                                                                                           self.batch_size)]) \
             if questions else torch.zeros(0)
         in_order, swapped = p_a[:n], 1 - p_a[n:]  # each: P(the first answer is better)
         return Verdicts((in_order + swapped) / 2, (in_order > 0.5) == (swapped > 0.5), p_a)
@@ -75,9 +77,6 @@ def choice_probs(model, tokenizer, texts: list[str], token_ids: list[int], max_l
                  add_special_tokens: bool = False) -> torch.Tensor:
     """[n, k] next-token probabilities after each text, renormalized over ``token_ids`` only (the vocabulary
     projection is computed for those k rows, not the whole vocabulary)."""
-    from posttrain.data.batching import right_padded
-    from posttrain.train.forward import final_hidden_states
-
     ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"][-max_length:] for t in texts]
     input_ids, mask, ends = right_padded(ids, tokenizer.pad_token_id)
     device = next(model.parameters()).device
@@ -95,10 +94,12 @@ def choice_probs(model, tokenizer, texts: list[str], token_ids: list[int], max_l
     return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).cpu()
 
 
-def round_robin(judge: PairwiseJudge, conversations: list, groups: list[list[str]]) -> tuple[list[list[float]], Verdicts]:
+def round_robin(judge: PairwiseJudge, conversations: list, groups: list[list[str]]) -> tuple[list[list[float]],
+                                                                                             Verdicts]:
     """Every pair of answers within each group (the answers to ``conversations[k]``), judged in one batch: each
     answer's summed probability of beating the others in its group, and all verdicts."""
-    pairs = [(k, i, j) for k, answers in enumerate(groups) for i in range(len(answers)) for j in range(i + 1, len(answers))]
+    pairs = [(k, i, j) for k, answers in enumerate(groups) for i in range(len(answers)) for j in range(i + 1,
+                                                                                                       len(answers))]
     verdicts = judge.compare([conversations[k] for k, _, _ in pairs], [groups[k][i] for k, i, _ in pairs],
                              [groups[k][j] for k, _, j in pairs])
     wins = [[0.0] * len(answers) for answers in groups]

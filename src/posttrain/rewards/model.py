@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
+from posttrain.data.batching import right_padded
+from posttrain.data.encoders import tokenize_steps
+from posttrain.data.formats import StepsExample
+from posttrain.model.forward import HeadOutputs
+from posttrain.model.load import load_tokenizer, not_loadable, refuse_pickle, resolve_model
 
 SCORE_HEADS = ("score", "classifier")  # what transformers' *ForSequenceClassification call their head
 
@@ -22,15 +27,14 @@ def load_reward_model(spec: str, dtype: torch.dtype = torch.float32, trust_remot
     """(model, tokenizer) of a reward model directory or hub id; refuses a model without a trained score head."""
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models import load_tokenizer, not_loadable, refuse_pickle, resolve_model
-
     path = resolve_model(spec)
     refuse_pickle(path, spec)
     tokenizer = load_tokenizer(path, trust_remote_code)
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForSequenceClassification
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=1).merge_and_unload()
+        model = AutoPeftModelForSequenceClassification.from_pretrained(path, dtype=dtype,
+                                                                       num_labels=1).merge_and_unload()
         missing = []
     else:
         try:
@@ -76,11 +80,10 @@ class RewardModel:
     """Scores completions in batches on ``device``; ``max_length`` tokens at most (cut on the left, so the end of
     the answer, where a decoder's score is read, is always seen)."""
 
-    def __init__(self, spec: str, device="cpu", batch_size: int = 16, max_length: int = 2048, trust_remote_code: bool = False,
+    def __init__(self, spec: str, device="cpu", batch_size: int = 16, max_length: int = 2048,
+                 trust_remote_code: bool = False,
                  dtype: torch.dtype = torch.float32, normalize: bool = False):
         self.model, self.tokenizer = load_reward_model(spec, dtype, trust_remote_code=trust_remote_code)
-        from posttrain.train.forward import HeadOutputs
-
         self.model.to(device)
         self.read = HeadOutputs(self.model)  # the same reading as in training: last token, or the model's own pooling
         self.weights = reward_weights(self.model.config)
@@ -88,7 +91,8 @@ class RewardModel:
         if normalize:  # (r - mean) / std with the statistics posttrain rm saved
             config = self.model.config
             if not getattr(config, "reward_std", None):
-                raise UserError(f"{spec}: normalize needs reward_mean and reward_std in config.json (posttrain rm saves them)")
+                raise UserError(f"{spec}: normalize needs reward_mean and reward_std in config.json (posttrain rm "
+                                f"saves them)")
             self.shift, self.scale = config.reward_mean, config.reward_std
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
 
@@ -101,8 +105,6 @@ class RewardModel:
         return scores
 
     def score_texts(self, texts: list[str]) -> list[float]:
-        from posttrain.data.batching import right_padded
-
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length:] for t in texts]
         input_ids, mask, ends = right_padded(ids, self.tokenizer.pad_token_id)
         width = input_ids.shape[1]
@@ -127,11 +129,10 @@ class ProcessRewardModel:
     a step's score is P(correct) at its separator; a completion is split into steps at the separator and scored
     by ``aggregate`` (min, last, mean or prod) of its steps."""
 
-    def __init__(self, spec: str, device="cpu", batch_size: int = 16, aggregate: str = "min", trust_remote_code: bool = False,
+    def __init__(self, spec: str, device="cpu", batch_size: int = 16, aggregate: str = "min",
+                 trust_remote_code: bool = False,
                  dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForTokenClassification
-
-        from posttrain.models import load_tokenizer, not_loadable, resolve_model
 
         if aggregate not in AGGREGATES:
             raise UserError(f"aggregate: one of {', '.join(AGGREGATES)}, not {aggregate!r}")
@@ -152,13 +153,10 @@ class ProcessRewardModel:
 
     @torch.no_grad()
     def step_scores(self, prompts: list, solutions: list[list[str]]) -> list[list[float]]:
-        from posttrain.data.batching import right_padded
-        from posttrain.data.formats import StepsExample
-        from posttrain.train.tasks.process_reward import tokenize_steps
-
         out: list[list[float]] = []
         for lo in range(0, len(prompts), self.batch_size):
-            rows = [tokenize_steps(StepsExample(plain_text(p), steps, [True] * len(steps)), self.tokenizer, self.separator)
+            rows = [tokenize_steps(StepsExample(plain_text(p), steps, [True] * len(steps)), self.tokenizer,
+                                   self.separator)
                     for p, steps in zip(prompts[lo : lo + self.batch_size], solutions[lo : lo + self.batch_size])]
             input_ids, mask, _ = right_padded([ids for ids, _, _ in rows], self.tokenizer.pad_token_id)
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
@@ -178,8 +176,6 @@ def load_scorer(spec: str, device="cpu", trust_remote_code: bool = False, **opti
     """A reward model or a process reward model, told apart by the architecture its config names; ``options`` go to
     its class (batch_size, dtype; max_length and normalize for a reward model, aggregate for a PRM)."""
     import json
-
-    from posttrain.models import resolve_model
 
     config = Path(resolve_model(spec)) / "config.json"
     architectures = json.loads(config.read_text()).get("architectures") or [] if config.exists() else []

@@ -1,10 +1,10 @@
 """Scoring completions in worker processes, with our own timeouts.
 
-Reward code is user code (and ``code_tests`` runs model-written programs): it runs in a pool of
-spawned worker processes (or, with ``workers=0``, in the training process, without timeouts). A call that exceeds ``timeout`` seconds has its workers killed and
-replaced, and its completions are counted as failures; no ``signal.alarm`` anywhere (off the main
-thread it silently scored every answer 0 in verl PR #5635). Completions of one prompt are always
-scored in the same call, so group-level rewards (``majority_vote``) see the whole group.
+Reward code is user code (and ``code_tests`` runs model-written programs): it runs in a pool of spawned worker
+processes (or, with ``workers=0``, in the training process, without timeouts). A call that exceeds ``timeout``
+seconds has its workers killed and replaced, and its completions are counted as failures; no ``signal.alarm``
+anywhere (off the main thread it silently scored every answer 0 in verl PR #5635). Completions of one prompt are
+always scored in the same call, so group-level rewards (``majority_vote``) see the whole group.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.rewards import resolve_reward
 
 

@@ -41,7 +41,9 @@ class Completion:
     sampler_logps: list[float]  # log pi_sampler(token) at the sampling temperature, one per token
     truncated: bool  # stopped by max_new_tokens, not by EOS or a stop string
     text: str = ""
-    mask: list[int] | None = None  # with tool calls: 1 for the model's tokens, 0 for tool output (None: all the model's)
+    mask: list[int] | None = (
+        None  # with tool calls: 1 for the model's tokens, 0 for tool output (None: all the model's)
+    )
     tool_calls: int = 0
 
     @property
@@ -100,7 +102,8 @@ class _Sampler:
             for warp in self.warpers:
                 scores = warp(None, scores)
             vocab = scores.shape[-1]
-            uniform = torch.stack([torch.rand(vocab, generator=self.generators[r], dtype=torch.float64, device=self.device)
+            uniform = torch.stack([torch.rand(vocab, generator=self.generators[r], dtype=torch.float64,
+                                              device=self.device)
                                    for r in rows])
             tokens = (scores.double() - torch.log(-torch.log(uniform.clamp_(1e-300, 1.0 - 1e-16)))).argmax(-1)
         return tokens, logps.gather(1, tokens[:, None]).squeeze(1)
@@ -137,7 +140,8 @@ class TransformersBackend:
         eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos_ids |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
+        self.eos_ids |= set(config_eos if isinstance(config_eos,
+                                                     list) else [config_eos] if config_eos is not None else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids))
 
     def sync(self, model) -> None:
@@ -151,9 +155,12 @@ class TransformersBackend:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
         out: list[Completion | None] = [None] * len(prompts)
         try:
-            for first in tqdm(range(0, len(order), self.batch_size), desc="sampling", leave=False, disable=not self.progress):
+            for first in tqdm(range(0, len(order), self.batch_size), desc="sampling", leave=False,
+                              disable=not self.progress):
                 chosen = order[first : first + self.batch_size]
-                for i, completion in zip(chosen, self._batch([prompts[i] for i in chosen], [seeds[i] for i in chosen], settings)):
+                for i, completion in zip(chosen,
+                                         self._batch([prompts[i] for i in chosen], [seeds[i] for i in chosen],
+                                                     settings)):
                     out[i] = completion
         finally:
             self.model.train(was_training)

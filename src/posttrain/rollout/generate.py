@@ -37,11 +37,13 @@ def generate(
     model.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": temperature,
+                "top_p": top_p} if temperature > 0 else {"do_sample": False}
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not progress, unit="batch"):
             chosen = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in chosen], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer([texts[i] for i in chosen], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, top_k=None, **sampling)
             for i, row in zip(chosen, out[:, enc["input_ids"].shape[1] :]):

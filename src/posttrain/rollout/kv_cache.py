@@ -6,7 +6,7 @@ step copies every layer's cache once: at 48 rows of 220 tokens that copy was a q
 reads a view of the filled part.
 
 The prefill can also run packed (one row, no padding, a common prefix such as a system prompt computed once:
-ops/attention.py) while the cache is stored left-padded for decoding: each layer gathers the packed keys into the
+model/attention.py) while the cache is stored left-padded for decoding: each layer gathers the packed keys into the
 padded layout as it stores them, and the prefill's own attention reads the packed ones.
 """
 
@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from posttrain.data.batching import common_prefix_length, segment_layout
+from posttrain.model.attention import uses_segment_attention
 
 
 class ReservedLayer(DynamicLayer):
@@ -81,9 +84,6 @@ def prefill_packed(model, cache: DynamicCache, prompts: list[list[int]], width: 
     next-token logits of each [P, V], or None where the model cannot (no per-sequence attention, sliding windows) or
     a prompt is empty."""
     import numpy as np
-
-    from posttrain.data.batching import common_prefix_length, segment_layout
-    from posttrain.ops.attention import uses_segment_attention
 
     if not uses_segment_attention(model) or not all(isinstance(layer, ReservedLayer) for layer in cache.layers) \
             or not all(prompts):

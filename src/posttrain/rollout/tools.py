@@ -13,7 +13,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from posttrain.rewards.sandbox import Limits, run_python
+from posttrain.core.sandbox import Limits, run_python
 from posttrain.rollout.backend import Completion, SamplingSettings
 
 OPEN, CLOSE = "<python>", "</python>"
@@ -56,7 +56,8 @@ class ToolUse:
         self.backend.sync(model)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], settings: SamplingSettings) -> list[Completion]:
-        """One trajectory per (prompt, seed): model turns and tool outputs, ``settings.max_new_tokens`` tokens in all."""
+        """One trajectory per (prompt, seed): model turns and tool outputs, ``settings.max_new_tokens`` tokens in
+        all."""
         states = [{"tokens": [], "mask": [], "logps": [], "calls": 0, "truncated": False} for _ in prompts]
         active = list(range(len(prompts)))
         turn = 0
@@ -97,5 +98,6 @@ class ToolUse:
                     ended.append(i)
             active = [i for i in active if i not in set(ended)]
             turn += 1
-        return [Completion(s["tokens"], s["logps"], s["truncated"], self.tokenizer.decode(s["tokens"], skip_special_tokens=True),
+        return [Completion(s["tokens"], s["logps"], s["truncated"],
+                           self.tokenizer.decode(s["tokens"], skip_special_tokens=True),
                            mask=s["mask"], tool_calls=s["calls"]) for s in states]

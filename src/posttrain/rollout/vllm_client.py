@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.rollout.backend import Completion, GenerationStats, SamplingSettings
 
 
@@ -39,8 +39,10 @@ class VLLMBackend:
         try:
             self.call("/health")
         except UserError as exc:
-            raise UserError(f"rollout.engine: vllm: no server at {self.url} ({exc}). Start one in its own environment: "
-                            "make vllm-env; .venv-vllm/bin/python -m posttrain.rollout.vllm_server --model MODEL_DIR") from None
+            raise UserError(
+                f"rollout.engine: vllm: no server at {self.url} ({exc}). Start one in its own environment: "
+                "make vllm-env; .venv-vllm/bin/python -m posttrain.rollout.vllm_server --model MODEL_DIR"
+            ) from None
 
     def call(self, route: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
@@ -72,7 +74,8 @@ class VLLMBackend:
                                          "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
                                          "top_p": settings.top_p, "top_k": settings.top_k, "stop": list(settings.stop)})
         out = [Completion(c["token_ids"], c["logprobs"], c["finish_reason"] == "length",
-                          self.tokenizer.decode(c["token_ids"], skip_special_tokens=True)) for c in answer["completions"]]
+                          self.tokenizer.decode(c["token_ids"],
+                                                skip_special_tokens=True)) for c in answer["completions"]]
         self.stats.seconds += time.perf_counter() - start
         self.stats.tokens += sum(len(c.token_ids) for c in out)
         return out

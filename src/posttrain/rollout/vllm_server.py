@@ -54,7 +54,8 @@ def serve(model: str, host: str, port: int, dtype: str, max_model_len: int, seed
         for output in outputs:
             sample = output.outputs[0]
             logprobs = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
-            completions.append({"token_ids": list(sample.token_ids), "logprobs": logprobs, "finish_reason": sample.finish_reason})
+            completions.append({"token_ids": list(sample.token_ids), "logprobs": logprobs,
+                                "finish_reason": sample.finish_reason})
         return {"completions": completions}
 
     def load_weights(request: dict) -> dict:
@@ -66,7 +67,9 @@ def serve(model: str, host: str, port: int, dtype: str, max_model_len: int, seed
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
-            self.reply(200, {"ok": True, "model": model}) if self.path == "/health" else self.reply(404, {"error": self.path})
+            self.reply(200, {"ok": True, "model": model}) if self.path == "/health" else self.reply(
+                404, {"error": self.path}
+            )
 
         def do_POST(self):  # noqa: N802
             route = routes.get(self.path)
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a HF model directory (the policy's starting weights)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8011)
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (fast on CPUs with AMX / AVX-512 BF16) or float32")
+    parser.add_argument("--dtype", default="bfloat16",
+                        help="bfloat16 (fast on CPUs with AMX / AVX-512 BF16) or float32")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

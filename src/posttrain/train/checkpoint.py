@@ -1,12 +1,12 @@
 """Checkpoints for exact resume, written atomically.
 
-A checkpoint is a directory ``checkpoints/step-N/`` holding the trainable parameters
-(safetensors) and the optimizer state (under FSDP2 both in ``sharded/``, each process's part), the scheduler state, every process's RNG states, ``state.json``
-and, written last, ``manifest.json``: each file's size and sha256, hashed after the files were
-synced to disk. It is assembled under a temporary name and renamed into place only when
-complete, so a kill at any moment leaves the previous checkpoint intact; a checkpoint damaged
-later (a truncated file, a lost optimizer state, an edited JSON) fails its manifest on resume
-and is moved aside. Frozen weights are not saved: they are reloaded from the model the recipe names.
+A checkpoint is a directory ``checkpoints/step-N/`` holding the trainable parameters (safetensors) and the optimizer
+state (under FSDP2 both in ``sharded/``, each process's part), the scheduler state, every process's RNG states,
+``state.json`` and, written last, ``manifest.json``: each file's size and sha256, hashed after the files were synced
+to disk. It is assembled under a temporary name and renamed into place only when complete, so a kill at any moment
+leaves the previous checkpoint intact; a checkpoint damaged later (a truncated file, a lost optimizer state, an
+edited JSON) fails its manifest on resume and is moved aside. Frozen weights are not saved: they are reloaded from
+the model the recipe names.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.train import sharding
 
 _STEP = re.compile(r"^step-(\d+)$")

@@ -12,25 +12,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from posttrain.config import Recipe, dump_recipe
-from posttrain.errors import Stopped, UserError
+from posttrain.core.errors import Stopped, UserError
+from posttrain.evaluate.harness import recipe_evals
 from posttrain.train import checkpoint as ckpt
 from posttrain.train import sharding
+from posttrain.train.recipes import Recipe
+from posttrain.train.run_directory import RunDirectory
 from posttrain.train.signals import StopRequests
 from posttrain.train.task import sum_over_processes
-
-# Keys that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = {"evals", "max_steps", "epochs", "eval_every", "save_every", "save_total_limit", "log_every", "report_to", "max_bad_steps"}
-
 
 class TrainingError(UserError):
     pass
@@ -47,6 +43,8 @@ class Engine:
         self.trained = task.trained(model)  # what the optimizer steps and checkpoints hold
         self.out = Path(recipe.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.run_dir = RunDirectory(recipe, task.name, accelerator)
+        self.say, self.log = self.run_dir.say, self.run_dir.log
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         sharding.check_supported(accelerator)
         self.sharded = sharding.is_sharded(accelerator)
@@ -60,44 +58,12 @@ class Engine:
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
 
     # -- setup --------------------------------------------------------------------------------
-    def build_optimizer(self):
-        decay, no_decay = [], []
-        for param in self.trained.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        try:  # torch's fused kernel (as HF Trainer's default): one pass per tensor, 6x faster on CPU for 135M params
-            return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, fused=True)
-        except RuntimeError:  # a device or dtype without one
-            return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas)
-
-    def build_scheduler(self, optimizer):
-        from transformers import get_scheduler
-
-        extra = {"min_lr_rate": 0.1} if self.cfg.scheduler == "cosine_with_min_lr" else {}
-        return get_scheduler(self.cfg.scheduler, optimizer, num_warmup_steps=self.cfg.warmup_steps,
-                             num_training_steps=self.total_steps, scheduler_specific_kwargs=extra)
-
-    def check_resumable(self) -> None:
-        saved = self.out / "recipe.yaml"
-        if not saved.exists():
-            return
-        before = yaml.safe_load(saved.read_text())
-        now = self.recipe.model_dump(mode="json")
-        changed = [key for key, a, b in _diff(before, now) if key.split(".")[-1] not in RESUMABLE_CHANGES]
-        if changed and ckpt.list_checkpoints(self.ckpt_root):
-            raise UserError(
-                f"{self.out} holds a run with a different recipe ({', '.join(changed)} changed); "
-                "use a new output_dir, or the same settings to resume"
-            )
-
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
-        self.check_resumable()
+        self.run_dir.check_resumable()
         module, optimizer, scheduler = self.prepare()
         state = self.resume(optimizer, scheduler)
-        self.open_run_directory(state["step"])
+        self.run_dir.open(state["step"], self.total_steps)
         start_step = state["step"]
         history = {"first_loss": None, "last_loss": None, "eval": []}
         if self.evaluating and start_step == 0:
@@ -123,12 +89,15 @@ class Engine:
                     now = time.perf_counter()
                     tokens_per_s = window["tokens"] / max(now - window["start"], 1e-9)
                     self.log("metrics.jsonl", {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                               "tokens_per_s": tokens_per_s, "elapsed_s": state["elapsed_s"] + now - clock,
+                                               "tokens_per_s": tokens_per_s,
+                                               "elapsed_s": state["elapsed_s"] + now - clock,
                                                "tokens": state["tokens"], "epoch": state["step"] / self.steps_per_epoch,
                                                "memory_gb": peak_memory_gb(self.acc.device),
                                                **metrics})
                     window = {"tokens": 0, "start": now}
-                    shown = {label: f"{metrics[key]:.3g}" for label, key in self.task.progress.items() if key in metrics}
+                    shown = {
+                        label: f"{metrics[key]:.3g}" for label, key in self.task.progress.items() if key in metrics
+                    }
                     bar.set_postfix(loss=f"{loss:.4f}", **shown, tok_s=f"{tokens_per_s:.0f}", refresh=False)
                 bar.update(1)
                 every = lambda n: n and state["step"] % n == 0  # noqa: E731
@@ -136,7 +105,8 @@ class Engine:
                     history["eval"].append(self.evaluate(state["step"]))
                 stopping = self.reduce(stop.received is not None) > 0  # every process stops at the same step
                 if every(self.cfg.save_every) or stopping:
-                    self.save_checkpoint(optimizer, scheduler, {**state, "elapsed_s": state["elapsed_s"] + time.perf_counter() - clock})
+                    self.save_checkpoint(optimizer, scheduler,
+                                         {**state, "elapsed_s": state["elapsed_s"] + time.perf_counter() - clock})
                 if stopping and state["step"] < self.total_steps:
                     bar.close()
                     raise Stopped(self.stopped_message(stop.received, state["step"]))
@@ -153,8 +123,9 @@ class Engine:
     def prepare(self):
         """The trained module, the optimizer and the schedule, prepared for distribution."""
         module = self.task.module(self.model)
-        optimizer = self.build_optimizer()
-        scheduler = self.build_scheduler(optimizer)  # not acc.prepare'd: it would step once per process
+        optimizer = build_optimizer(self.trained, self.cfg)
+        # the scheduler is not acc.prepare'd: it would step once per process
+        scheduler = build_scheduler(optimizer, self.cfg, self.total_steps)
         if self.sharded:
             sharding.wrap_decoder_layers(self.acc, module)
         module, optimizer = self.acc.prepare(module, optimizer)
@@ -174,27 +145,13 @@ class Engine:
         self.acc.wait_for_everyone()
         checkpoints = ckpt.list_checkpoints(self.ckpt_root)
         if not checkpoints and (self.out / "final").exists():
-            self.say(f"{self.out} holds a finished run without checkpoints: training again from step 0 (final/ is replaced)")
+            self.say(f"{self.out} holds a finished run without checkpoints: training again from step 0 (final/ is "
+                     f"replaced)")
         if checkpoints:
             state = ckpt.load_checkpoint(checkpoints[-1], self.trained, optimizer, scheduler, self.rank, self.sharded)
             self.task.load_state_dict(ckpt.load_task_state(checkpoints[-1], state.pop("task", {})))
             self.say(f"resuming from {checkpoints[-1]} (step {state['step']} of {self.total_steps})")
         return state
-
-    def open_run_directory(self, step: int) -> None:
-        """recipe.yaml, logs cut back to the step the run starts from, trackers."""
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale(self.ckpt_root)
-            (self.out / "recipe.yaml").write_text(f"# posttrain {self.task.name}\n" + dump_recipe(self.recipe))
-            for log in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
-                # the final evaluation runs after the last checkpoint: a run resumed there logs it again
-                redone = log != "metrics.jsonl" and step == self.total_steps
-                _truncate_log(self.out / log, None if step == 0 else step - 1 if redone else step)
-        trackers = list(self.cfg.report_to)
-        if trackers:
-            self.acc.init_trackers("tensorboard" if trackers == ["tensorboard"] else self.out.name,
-                                   config=_flat(self.recipe.model_dump(mode="json")))
 
     def train_step(self, step: int, module, optimizer, state: dict) -> tuple[float, float, int, dict]:
         """One optimizer step over the task's micro-batches: (loss, gradient norm, tokens, metrics). A non-finite
@@ -243,7 +200,8 @@ class Engine:
                 )
         optimizer.zero_grad(set_to_none=True)
         timing = {"time/batches_s": batches_s, "time/update_s": time.perf_counter() - started - batches_s}
-        return step_loss, grad_norm, tokens, {**_ratios(self.reduce_dict(metric_totals)), **self.task.step_metrics(), **self.task.data_mixture(), **timing}
+        return step_loss, grad_norm, tokens, {**_ratios(self.reduce_dict(metric_totals)), **self.task.step_metrics(),
+                                              **self.task.data_mixture(), **timing}
 
     def finish(self, module, elapsed: float, state: dict, start_step: int, history: dict) -> dict:
         if self.sharded:  # final/ is one ordinary model: gathered on the main process
@@ -255,7 +213,7 @@ class Engine:
         summary = {"steps": self.total_steps, "resumed_from": start_step, "tokens": state["tokens"],
                    "elapsed_s": elapsed, "tokens_per_s": state["tokens"] / max(elapsed, 1e-9),
                    "first_loss": history["first_loss"], "last_loss": history["last_loss"], "eval": history["eval"]}
-        self.print_summary(summary)
+        self.run_dir.print_summary(summary)
         return summary
 
     # -- pieces -------------------------------------------------------------------------------
@@ -271,17 +229,18 @@ class Engine:
 
     def generating(self, module, always: bool = False):
         """Where the model samples, a sharded one runs on gathered parameters (see ``sharding.gathered``)."""
-        return sharding.gathered(module) if self.sharded and (always or self.task.generates) else contextlib.nullcontext()
+        return (
+            sharding.gathered(module) if self.sharded and (always or self.task.generates) else contextlib.nullcontext()
+        )
 
     def evaluate(self, step: int) -> dict:
         self.module.eval()
         with self.generating(self.module):
-            record = {"step": step, **(self.task.evaluate(self.module, self.eval_examples) if self.eval_examples else {})}
+            record = {"step": step,
+                      **(self.task.evaluate(self.module, self.eval_examples) if self.eval_examples else {})}
         if self.recipe.evals:  # generation and scoring on the main process; the others wait
             with self.generating(self.module, always=True):
                 if self.acc.is_main_process:
-                    from posttrain.evaluate.harness import recipe_evals
-
                     metrics, samples = recipe_evals(self.recipe.evals, self.acc.unwrap_model(self.module).model,
                                                     self.tokenizer, self.eval_baselines)
                     record.update(metrics)
@@ -291,14 +250,6 @@ class Engine:
         self.module.train()
         self.log("eval.jsonl", record)
         return record
-
-    def log(self, filename: str, record: dict, track: bool = True) -> None:
-        if not self.acc.is_main_process:
-            return
-        with open(self.out / filename, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.cfg.report_to and track:
-            self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def save_checkpoint(self, optimizer, scheduler, state: dict) -> None:
         short = ckpt.check_free_space(self.ckpt_root, ckpt.needed_bytes(self.trained, optimizer))
@@ -320,24 +271,28 @@ class Engine:
             ckpt.publish(staging, self.ckpt_root, state["step"], self.cfg.save_total_limit)
         self.acc.wait_for_everyone()
 
-    def say(self, message: str) -> None:
-        if self.acc.is_main_process:
-            tqdm.write(f"posttrain: {message}")
 
-    def print_summary(self, s: dict) -> None:
-        if not self.acc.is_main_process:
-            return
-        lines = [
-            f"done: {s['steps']} steps" + (f" (resumed at {s['resumed_from']})" if s["resumed_from"] else ""),
-            f"  time {s['elapsed_s']:.0f}s, {s['tokens']:,} tokens, {s['tokens_per_s']:.0f} tokens/s",
-        ]
-        if s["first_loss"] is not None:
-            lines.append(f"  train loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
-        if len(s["eval"]) >= 2:
-            key = next(k for k in s["eval"][0] if k != "step")
-            lines.append(f"  {key} {s['eval'][0][key]:.4f} -> {s['eval'][-1][key]:.4f}")
-        lines.append(f"  model: {self.out / 'final'}   metrics: {self.out / 'metrics.jsonl'}")
-        print("\n".join(lines), flush=True)
+def build_optimizer(trained, cfg):
+    """AdamW over the trainable parameters; no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for param in trained.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:  # torch's fused kernel (as HF Trainer's default): one pass per tensor, 6x faster on CPU for 135M params
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
+    except RuntimeError:  # a device or dtype without one
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    """The learning-rate schedule over the whole run (warmup, then ``train.scheduler``)."""
+    from transformers import get_scheduler
+
+    extra = {"min_lr_rate": 0.1} if cfg.scheduler == "cosine_with_min_lr" else {}
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=total_steps, scheduler_specific_kwargs=extra)
 
 
 def peak_memory_gb(device) -> float:
@@ -391,29 +346,3 @@ def _grad_norm(params) -> torch.Tensor:
     return torch.stack(grads).norm() if grads else torch.zeros(())
 
 
-def _truncate_log(path: Path, keep_through: int | None) -> None:
-    """Drop records logged after step ``keep_through`` (they will be logged again by the resumed run); None: a run
-    starting from scratch starts a fresh log."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines() if keep_through is not None else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_through]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _diff(a, b, prefix: str = ""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
-    elif a != b:
-        yield prefix.rstrip("."), a, b
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out

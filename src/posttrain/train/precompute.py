@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from posttrain.core.errors import UserError
 from posttrain.data.batching import Batch
-from posttrain.errors import UserError
+from posttrain.model.load import load_model, load_tokenizer, resolve_model
 from posttrain.train.reference import weights_fingerprint
 
 
@@ -42,8 +43,6 @@ class TargetTable:
 def load_frozen(spec: str, recipe, tokenizer, device, name: str):
     """A frozen auxiliary model (teacher, reference) whose token-level values must line up with the trained model's
     tokens: refused unless it shares the tokenizer; float64 in fp64 runs, float32 otherwise (autocast does the rest)."""
-    from posttrain.models import load_model, load_tokenizer, resolve_model
-
     resolved = resolve_model(spec)
     if load_tokenizer(resolved, recipe.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise UserError(f"{name}: {spec} has a different tokenizer than the model being trained; its token-level "

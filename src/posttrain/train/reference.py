@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from posttrain.errors import UserError
-from posttrain.train.forward import TargetLogprobs
+from posttrain.core.errors import UserError
+from posttrain.model.forward import TargetLogprobs
 
 
 class Reference:
@@ -36,11 +36,13 @@ class Reference:
         if mode == "auto":
             mode = "none" if not self.needed else ("adapter_disabled" if has_adapter else "policy_copy")
         if mode == "none" and self.needed:
-            raise UserError(f"loss.name {self.loss_names} needs a reference model; reference: none is for reference-free losses")
+            raise UserError(f"loss.name {self.loss_names} needs a reference model; reference: none is for "
+                            f"reference-free losses")
         if mode != "none" and not self.needed:
             raise UserError(f"reference: {mode} is set but loss.name {self.loss_names} does not use a reference")
         if mode == "adapter_disabled" and not has_adapter:
-            raise UserError("reference: adapter_disabled needs a PEFT adapter (peft.method); use policy_copy for full fine-tuning")
+            raise UserError("reference: adapter_disabled needs a PEFT adapter (peft.method); use policy_copy for full "
+                            "fine-tuning")
         self.mode = mode
         if mode == "policy_copy" or (mode == "precomputed" and not has_adapter):
             frozen = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
@@ -64,7 +66,8 @@ class Reference:
             return fn(inner, *args)
 
     def precompute(self, split: str, examples: list, collate: Callable, compute: Callable, model, accelerator) -> None:
-        """Fill ``cache[split]`` with ``compute(reference, batch)`` (a dict of per-example tensors) over ``examples``."""
+        """Fill ``cache[split]`` with ``compute(reference, batch)`` (a dict of per-example tensors) over
+        ``examples``."""
         path = Path(self.recipe.output_dir) / f"reference_logps.{split}.safetensors"
         key = self.cache_key(examples, model)
         with accelerator.main_process_first():

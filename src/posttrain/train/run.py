@@ -8,13 +8,14 @@ import os
 
 import torch
 
-from posttrain.config import Recipe
-from posttrain.errors import Stopped, UserError
-from posttrain.export import merged
-from posttrain.models import (apply_peft, is_prompt_learning, load_tokenizer, needs_data_init, resolve_model,
-                              trainable_summary)
-from posttrain.ops.lean import make_lean
+from posttrain.core.errors import Stopped, UserError
+from posttrain.data.batching import collate
+from posttrain.model.lean import make_lean
+from posttrain.model.load import load_tokenizer, resolve_model
+from posttrain.model.peft import apply_peft, is_prompt_learning, merged, needs_data_init, trainable_summary
+from posttrain.train.commands import COMMANDS
 from posttrain.train.engine import Engine
+from posttrain.train.recipes import Recipe
 
 
 def make_accelerator(recipe: Recipe):
@@ -31,14 +32,13 @@ def make_accelerator(recipe: Recipe):
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=precision, log_with=trackers, project_dir=recipe.output_dir, cpu=cpu_ddp)
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
-        raise UserError(f"launched {os.environ['WORLD_SIZE']} processes but accelerate set up {accelerator.num_processes}")
+        raise UserError(f"launched {os.environ['WORLD_SIZE']} processes but accelerate set up "
+                        f"{accelerator.num_processes}")
     return accelerator
 
 
 def run(command: str, recipe: Recipe) -> dict:
     from accelerate.utils import set_seed
-
-    from posttrain.commands import COMMANDS
 
     accelerator = make_accelerator(recipe)
     quiet = not accelerator.is_main_process
@@ -46,12 +46,13 @@ def run(command: str, recipe: Recipe) -> dict:
     with accelerator.main_process_first():
         path = resolve_model(recipe.model)
     tokenizer = load_tokenizer(path, recipe.trust_remote_code, recipe.data.chat_template)
-    task = COMMANDS[command].task_class()(recipe, tokenizer)
+    task = COMMANDS[command].task(recipe, tokenizer)
     train_examples = task.build_dataset("train", quiet=quiet)  # each machine's first process tokenizes, the rest wait
     eval_examples = task.build_dataset("eval", quiet=quiet)
 
     model = task.load_model(path)
-    if hasattr(model, "peft_config"):  # starting from an adapter run (e.g. DPO after LoRA SFT): train on the merged model
+    if hasattr(model,
+               "peft_config"):  # starting from an adapter run (e.g. DPO after LoRA SFT): train on the merged model
         model = merged(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -66,7 +67,9 @@ def run(command: str, recipe: Recipe) -> dict:
     if recipe.train.precision == "fp64":  # after adapter set-up: PiSSA / OLoRA initialize only in 32 bits or fewer
         model.double()
     if not quiet:
-        switched = f"; lean layers: {lean['mlp']} MLPs, {lean['norm']} norms, {lean['lora']} LoRA updates" if lean else ""
+        switched = (
+            f"; lean layers: {lean['mlp']} MLPs, {lean['norm']} norms, {lean['lora']} LoRA updates" if lean else ""
+        )
         print(f"model: {recipe.model} ({path}); {trainable_summary(model)}{switched}", flush=True)
     model.to(accelerator.device)
     task.setup(model, accelerator, train_examples, eval_examples)
@@ -98,8 +101,6 @@ def initialize_eva(model, pad: int, examples, batch_size: int) -> None:
     (each task says which: SFT examples, preferred completions, desirable ones, best-ranked ones, the prompts
     of the commands that sample)."""
     from peft import initialize_lora_eva_weights
-
-    from posttrain.data.batching import collate
 
     examples = list(itertools.islice(examples, batch_size * EVA_BATCHES))  # read lazily: the data may be huge
     batches = []

@@ -2,7 +2,7 @@
 Models"): where the model already answers a training item correctly, train on its own answer instead of the
 gold one, so SFT moves the model less on what it knows (the paper halves the drop in general capability).
 
-Correctness is the verifiable-answer check (:mod:`posttrain.evaluate.answers`) against the record's
+Correctness is the verifiable-answer check (:mod:`posttrain.rewards.answers`) against the record's
 ``answer`` field, or the number the gold completion ends with. The paper also has the model paraphrase gold
 answers it gets wrong and uses a judge for open-ended answers; those steps are not done here. Answers come
 from the model before training (greedy), once, cached in the run directory for resume.
@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from posttrain.data.formats import Message, Segment, SFTExample
-from posttrain.evaluate.answers import extract_answer, is_correct
+from posttrain.rewards.answers import extract_answer, is_correct
 from posttrain.rollout.generate import generate
 from posttrain.train.reference import weights_fingerprint
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 
 SHARDED = "sharded"  # a checkpoint's sub-directory written by torch.distributed.checkpoint
 
@@ -35,7 +35,8 @@ def check_supported(accelerator) -> None:
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
         raise UserError("DeepSpeed launches are not supported: DeepSpeed's engine takes the optimizer step inside "
-                        "backward(), which bypasses posttrain's step (global loss normalizer, skipped non-finite steps, "
+                        "backward(), which bypasses posttrain's step (global loss normalizer, skipped non-finite "
+                        "steps, "
                         "exact resume). Shard with FSDP2 instead: recipes/accelerate/fsdp2.yaml (ZeRO-3's memory; "
                         "fsdp_reshard_after_forward: false for ZeRO-2's)")
     if kind == DistributedType.FSDP and not is_sharded(accelerator):
@@ -64,7 +65,8 @@ def most_over_processes(count: int, accelerator) -> int:
 def _state_dicts(trained: torch.nn.Module, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_state, optimizer_state = get_state_dict(trained, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    model_state, optimizer_state = get_state_dict(trained, optimizer,
+                                                  options=StateDictOptions(ignore_frozen_params=True))
     trainable = {name for name, param in trained.named_parameters() if param.requires_grad}
     # torch keeps a frozen parameter's tied twin (lm_head.weight of tied embeddings): never a checkpoint's business
     return {name: value for name, value in model_state.items() if name in trainable}, optimizer_state
@@ -134,7 +136,9 @@ def gathered(module: torch.nn.Module):
         yield
         return
     units[0]._get_fsdp_state()._lazy_init()  # the root first: a layer's own forward must never become the root
-    resharded = [any(g.post_forward_mesh_info is not None for g in u._get_fsdp_state()._fsdp_param_groups) for u in units]
+    resharded = [
+        any(g.post_forward_mesh_info is not None for g in u._get_fsdp_state()._fsdp_param_groups) for u in units
+    ]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()

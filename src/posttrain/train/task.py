@@ -15,6 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.core.errors import UserError
+from posttrain.data.batching import Layout
+from posttrain.model.attention import uses_segment_attention
+from posttrain.model.forward import TargetLogprobs
+from posttrain.model.load import load_model, save_final
 from posttrain.train.sharding import is_sharded, most_over_processes
 
 
@@ -102,44 +107,34 @@ class OfflineTask:
     peft_task_type = "CAUSAL_LM"
 
     def load_model(self, path: str):
-        from posttrain.models import load_model
-
         return load_model(path, self.recipe.trust_remote_code, allow_pickle=self.recipe.allow_pickle)
 
     def save_final(self, model, tokenizer, directory) -> None:
-        from posttrain.models import save_final
-
         save_final(model, tokenizer, directory)
 
     def module(self, model) -> torch.nn.Module:
-        from posttrain.train.forward import TargetLogprobs
-
         return TargetLogprobs(model, self.recipe.train.logprob_chunk)
 
     def trained(self, model) -> torch.nn.Module:
         return model
 
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
-        from posttrain.ops.attention import uses_segment_attention
-
         self.accelerator = accelerator
         self.segments = uses_segment_attention(model)
         if self.recipe.train.max_tokens_per_micro_batch and type(self).step_batches is not OfflineTask.step_batches:
-            from posttrain.errors import UserError
-
             raise UserError(f"train.max_tokens_per_micro_batch splits the micro-batches of training on a fixed "
                             f"dataset; {self.name} forms its own: lower its batch sizes instead")
 
+    @property
+    def layout(self) -> Layout:
+        """The recipe's micro-batch layout for this model."""
+        train = self.recipe.train
+        return Layout(self.tokenizer.pad_token_id, train.packing, train.padding_free, self.segments)
+
     def pack(self, sequences: list, groups: list[list[int]] | None = None, max_length: int | None = None,
              shared_lengths: list[int] | None = None):
-        """A micro-batch of tokenized ``sequences`` in the recipe's layout; ``groups`` list sequences that start
-        with the same prompt, which a model attending per sequence computes once (at most ``shared_lengths``
-        tokens of it; by default all they have in common)."""
-        from posttrain.data.batching import collate
-
-        train = self.recipe.train
-        return collate(sequences, self.tokenizer.pad_token_id, train.packing, train.padding_free, max_length,
-                       self.segments, groups, shared_lengths)
+        """A micro-batch of tokenized ``sequences`` in the recipe's layout (:meth:`Layout.collate`)."""
+        return self.layout.collate(sequences, groups, max_length, shared_lengths)
 
     def pack_completions(self, examples: list, prompt_lengths: list[int]):
         """A micro-batch of sampled completions (``examples`` = prompt + completion, ``prompt_lengths`` each): the

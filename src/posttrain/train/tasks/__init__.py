@@ -1,1 +1,1 @@
-"""Tasks turn batches into losses; one per training command (registered in ``posttrain.commands``)."""
+"""Tasks turn batches into losses; one per training command (registered in ``posttrain.train.commands``)."""

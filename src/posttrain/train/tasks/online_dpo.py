@@ -18,12 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from posttrain.core.errors import UserError
+from posttrain.data.encoders import PairBatch, PairExample
 from posttrain.data.tokenize import completion_example
-from posttrain.errors import UserError
 from posttrain.evaluate.stats import wilson_interval
+from posttrain.model.load import load_model, load_tokenizer, resolve_model
 from posttrain.rewards.judge import PairwiseJudge, round_robin
 from posttrain.rollout.backend import SamplingSettings, sample_seed
-from posttrain.train.tasks.preference import PairBatch, PairExample, PreferenceTask
+from posttrain.train.task import sum_over_processes
+from posttrain.train.tasks.preference import PreferenceTask
 from posttrain.train.tasks.rounds import PoolTask
 from posttrain.train.tasks.sampling import PromptExample, mean_or_zero
 
@@ -47,14 +50,17 @@ class WeightedPairs:
 class OnlineDPOTask(PoolTask):
     name = "online-dpo"
     progress = {"margin": "rewards/margin", "pairs": "online/pairs"}
-    step_size_formula = "train.batch_size x train.grad_accum x processes (online), online.prompts_per_iteration (iterative)"
+    step_size_formula = (
+        "train.batch_size x train.grad_accum x processes (online), online.prompts_per_iteration (iterative)"
+    )
     fields = ("prompt", "chosen", "rejected")
 
     def __init__(self, recipe, tokenizer):
         super().__init__(recipe, tokenizer, recipe.online)
         self.pairs = PreferenceTask(recipe, tokenizer)
         if self.pairs.needs_gold or self.pairs.dft:
-            raise UserError(f"loss.name {self.pairs.names}: online DPO has no gold answers and no fixed prompts to track; "
+            raise UserError(f"loss.name {self.pairs.names}: online DPO has no gold answers and no fixed prompts to "
+                            f"track; "
                             "use a loss that compares chosen and rejected only")
         self.num_prompts = 0
         self.judge: PairwiseJudge | None = None
@@ -95,12 +101,12 @@ class OnlineDPOTask(PoolTask):
         judge = self.cfg.judge
         if judge.model == "policy":
             return PairwiseJudge(model, self.tokenizer, judge.template, judge.batch_size)
-        from posttrain.models import load_model, load_tokenizer, resolve_model
-
         path = resolve_model(judge.model)
-        frozen = load_model(path, self.recipe.trust_remote_code, allow_pickle=self.recipe.allow_pickle).eval().requires_grad_(False)
+        frozen = load_model(path, self.recipe.trust_remote_code,
+                            allow_pickle=self.recipe.allow_pickle).eval().requires_grad_(False)
         frozen.to(device=self.device, dtype=next(model.parameters()).dtype)
-        return PairwiseJudge(frozen, load_tokenizer(path, self.recipe.trust_remote_code), judge.template, judge.batch_size)
+        return PairwiseJudge(frozen, load_tokenizer(path, self.recipe.trust_remote_code), judge.template,
+                             judge.batch_size)
 
     def greedy(self, examples: list[PromptExample]) -> list:
         settings = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
@@ -142,8 +148,10 @@ class OnlineDPOTask(PoolTask):
             "online/tie_fraction": 1 - len(pool) / max(prompts, 1),
             "online/score_mean": mean_or_zero(cat("values")),
             "online/chosen_score": mean_or_zero(cat("chosen")), "online/rejected_score": mean_or_zero(cat("rejected")),
-            "online/chosen_length": mean_or_zero(cat("chosen_len")), "online/rejected_length": mean_or_zero(cat("rejected_len")),
-            "time/generate_s": generate_s, "generate/tokens_per_s": sum(p["generated"] for p in every) / max(generate_s, 1e-9),
+            "online/chosen_length": mean_or_zero(cat("chosen_len")),
+            "online/rejected_length": mean_or_zero(cat("rejected_len")),
+            "time/generate_s": generate_s,
+            "generate/tokens_per_s": sum(p["generated"] for p in every) / max(generate_s, 1e-9),
         }
         if self.judge is not None:
             self.round_metrics["judge/consistency"] = mean_or_zero(cat("consistent"))
@@ -196,17 +204,17 @@ class OnlineDPOTask(PoolTask):
     def evaluate(self, module, examples: list) -> dict[str, float]:
         """With rewards: greedy completions scored as in ``grpo``. With a judge: the win rate of the current
         greedy answers against the starting policy's, both orders asked, with a 95% Wilson interval (a tie, 0.5
-        exactly, or the same answer, counts half); a policy judge with an adapter judges with its adapter off (the starting model)."""
+        exactly, or the same answer, counts half); a policy judge with an adapter judges with its adapter off (the
+        starting model)."""
         if self.judge is None:
             return super().evaluate(module, examples)
-        from posttrain.train.task import sum_over_processes
-
         world, rank = self.processes()
         mine = examples[rank::world]
         answers = [c.text for c in self.greedy(mine)] if mine else []
         fixed = self.cfg.judge.model == "policy" and hasattr(self.model, "peft_config")
         with self.model.disable_adapter() if fixed else nullcontext():
-            verdicts = self.judge.compare([ex.conversation for ex in mine], answers, [self.baseline[ex.index] for ex in mine])
+            verdicts = self.judge.compare([ex.conversation for ex in mine], answers,
+                                          [self.baseline[ex.index] for ex in mine])
         same = torch.tensor([a == self.baseline[ex.index] for a, ex in zip(answers, mine)], dtype=torch.bool)
         tie = same | ((verdicts.first_better - 0.5).abs() < 1e-6)  # the same answer (or an undecided judge): half a win
         wins = (~tie & (verdicts.first_better > 0.5)).sum() + 0.5 * tie.sum()
@@ -217,4 +225,5 @@ class OnlineDPOTask(PoolTask):
         low, high = wilson_interval(sums["wins"], int(sums["n"]))
         return {"eval/win_rate": sums["wins"] / n, "eval/win_rate_ci_low": low, "eval/win_rate_ci_high": high,
                 "eval/tie_rate": sums["ties"] / n,
-                "eval/judge_consistency": sums["consistent"] / n, "eval/answer_chars": sums["length"] / n, "eval/n": sums["n"]}
+                "eval/judge_consistency": sums["consistent"] / n, "eval/answer_chars": sums["length"] / n,
+                "eval/n": sums["n"]}

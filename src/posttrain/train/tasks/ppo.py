@@ -22,11 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
+from posttrain.model.forward import TargetLogprobs, model_inputs, target_hidden_states
+from posttrain.model.load import load_model, load_tokenizer, resolve_model
+from posttrain.model.peft import apply_peft
 from posttrain.objectives.policy import POLICY_LOSSES
 from posttrain.objectives.value import explained_variance, gae, value_loss
-from posttrain.train.forward import TargetLogprobs, model_inputs, target_hidden_states
-from posttrain.train.tasks.grpo import GRPOTask, RLBatch, Rollouts
+from posttrain.rewards.model import SCORE_HEADS
+from posttrain.train.tasks.grpo import GRPOTask
+from posttrain.train.tasks.policy_step import policy_terms
+from posttrain.train.tasks.rollouts import RLBatch, Rollouts
 from posttrain.train.tasks.sampling import eval_mode, mean_or_zero
 
 
@@ -51,7 +56,9 @@ class PPOTask(GRPOTask):
     name = "ppo"
     empty_steps_allowed = False
     progress = {"reward": "reward/mean", "ev": "value/explained_variance", "len": "completion/length_mean"}
-    step_size_formula = "train.batch_size x train.grad_accum x rl.num_mini_batches x processes / rollout.num_generations"
+    step_size_formula = (
+        "train.batch_size x train.grad_accum x rl.num_mini_batches x processes / rollout.num_generations"
+    )
     dynamic_sampling = "none"
     streams = 1
     needs = ()
@@ -69,8 +76,9 @@ class PPOTask(GRPOTask):
         unused = set(self.cfg.hyperparameters()) - set(POLICY_LOSSES[self.cfg.policy_loss].defaults)
         if unused:
             raise UserError(f"rl: {', '.join(sorted(unused))} not used by policy_loss {self.cfg.policy_loss}")
-        if self.cfg.policy_loss == "reinforce" and self.reuses_rollouts:
-            raise UserError("rl.policy_loss: reinforce is on-policy only: set rl.ppo_epochs: 1 and rl.num_mini_batches: 1, "
+        if "on_policy" in POLICY_LOSSES[self.cfg.policy_loss].needs and self.reuses_rollouts:
+            raise UserError(f"rl.policy_loss: {self.cfg.policy_loss} is on-policy only: set rl.ppo_epochs: 1 and "
+                            "rl.num_mini_batches: 1, "
                             "or use ppo_clip")
 
     # -- the critic ---------------------------------------------------------------------------------
@@ -90,11 +98,10 @@ class PPOTask(GRPOTask):
         with the recipe's adapter."""
         if self.cfg.critic_model is None:
             return _without_unused_head(copy.deepcopy(model))
-        from posttrain.models import apply_peft, load_model, load_tokenizer, resolve_model
-
         path = resolve_model(self.cfg.critic_model)
         if load_tokenizer(path, self.recipe.trust_remote_code).get_vocab() != self.tokenizer.get_vocab():
-            raise UserError(f"rl.critic_model {self.cfg.critic_model}: its tokenizer differs from the policy's; the critic "
+            raise UserError(f"rl.critic_model {self.cfg.critic_model}: its tokenizer differs from the policy's; the "
+                            f"critic "
                             "reads the policy's tokens, so both must share one tokenizer")
         critic = load_model(path, self.recipe.trust_remote_code, allow_pickle=self.recipe.allow_pickle)
         critic = apply_peft(critic, self.recipe.peft, self.recipe.peft.changed(), self.recipe.train.seed)
@@ -106,18 +113,17 @@ class PPOTask(GRPOTask):
         if self.cfg.critic_model is not None:
             from safetensors import safe_open
 
-            from posttrain.models import resolve_model
-            from posttrain.rewards.model import SCORE_HEADS
-
             for file in sorted(Path(resolve_model(self.cfg.critic_model)).glob("*.safetensors")):
                 with safe_open(file, "pt") as tensors:
                     for key in tensors.keys():
-                        if key.split(".")[0] in SCORE_HEADS and key.endswith("weight") and tensors.get_slice(key).get_shape() == [1, hidden]:
+                        shape = tensors.get_slice(key).get_shape()
+                        if key.split(".")[0] in SCORE_HEADS and key.endswith("weight") and shape == [1, hidden]:
                             return tensors.get_tensor(key)
         return torch.zeros(1, hidden)
 
     def module(self, model) -> PolicyAndValue:
-        return PolicyAndValue(model, self.value_head, self.critic, self.recipe.train.logprob_chunk, self.settings.temperature)
+        return PolicyAndValue(model, self.value_head, self.critic, self.recipe.train.logprob_chunk,
+                              self.settings.temperature)
 
     def trained(self, model) -> nn.Module:
         parts = {"policy": model, "value_head": self.value_head}
@@ -133,7 +139,8 @@ class PPOTask(GRPOTask):
             both = self.logps_of(rollouts, lambda batch: torch.stack(self._logps_and_values(module, batch), -1))
             ref_logps = None
             if self.cfg.kl_coef:
-                ref_logps = self.logps_of(rollouts, lambda batch: self.reference.run(module, self.reference_logps, batch))
+                ref_logps = self.logps_of(rollouts,
+                                          lambda batch: self.reference.run(module, self.reference_logps, batch))
         return both[:, 0].contiguous(), ref_logps, both[:, 1].contiguous()
 
     def _logps_and_values(self, module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,15 +169,18 @@ class PPOTask(GRPOTask):
         return advantages[lo:hi], returns[lo:hi]
 
     def rollout_metrics(self, every: list[dict]) -> dict[str, float]:
-        metrics = {k: v for k, v in super().rollout_metrics(every).items() if not k.startswith("groups/")}  # no groups here
-        metrics.update({"value/mean": mean_or_zero(self.all_values.tolist()), "value/returns_mean": mean_or_zero(self.all_returns.tolist()),
+        metrics = {
+            k: v for k, v in super().rollout_metrics(every).items() if not k.startswith("groups/")
+        }  # no groups here
+        metrics.update({"value/mean": mean_or_zero(self.all_values.tolist()),
+                        "value/returns_mean": mean_or_zero(self.all_returns.tolist()),
                         "value/explained_variance": explained_variance(self.all_values, self.all_returns)})
         return metrics
 
     # -- loss ---------------------------------------------------------------------------------------
     def loss(self, module, rl: RLBatch, normalizer: float) -> tuple[torch.Tensor, dict]:
         logps, entropy, values = module(**model_inputs(rl.batch))
-        per_token, metrics = self.policy_terms(logps, entropy, rl)
+        per_token, metrics = policy_terms(self.cfg, logps, entropy, rl)
         dtype = logps.dtype
         losses, clipped = value_loss(values.to(dtype), rl.values.to(dtype), rl.returns.to(dtype), self.cfg.value_clip)
         weights = rl.weights.to(dtype)

@@ -10,69 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from dataclasses import dataclass
-
 import torch
 
-from posttrain.data.batching import Batch
-from posttrain.data.formats import parse_preference
-from posttrain.data.store import Encoded, Encoder, load_examples
+from posttrain.core.errors import UserError
+from posttrain.data.encoders import PairBatch, PairEncoder, PairExample, collate_pairs
+from posttrain.data.store import load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
-from posttrain.errors import DataError, UserError
-from posttrain.objectives.pairwise import PAIRWISE, Pair, check_pairwise, dft_log_partition, dft_scores, implicit_rewards, pairwise_loss
-from posttrain.train.forward import TargetLogprobs, batch_logprobs, per_example_sum
+from posttrain.model.forward import TargetLogprobs, sequence_stats
+from posttrain.objectives.pairwise import (PAIRWISE, Pair, check_pairwise, dft_log_partition, dft_scores,
+                                           implicit_rewards, pairwise_loss)
 from posttrain.train.reference import Reference
 from posttrain.train.task import OfflineTask
 
 STATS = ("logps", "tails")
 _SIDE_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in STATS)
-
-
-@dataclass
-class PairExample:
-    chosen: TokenizedExample
-    rejected: TokenizedExample
-    index: int
-    split: str
-    gold: TokenizedExample | None = None  # TPO
-
-    def token_ids(self):
-        return tuple(s.input_ids for s in (self.chosen, self.rejected, self.gold) if s is not None)
-
-
-@dataclass
-class PairBatch:
-    batch: Batch  # chosen completions first, then rejected (then gold, for TPO): 2B or 3B sequences
-    pair_index: torch.Tensor  # [B] positions of the pairs in their dataset
-    split: str
-
-    @property
-    def num_pairs(self) -> int:
-        return len(self.pair_index)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.batch.num_tokens
-
-    def to(self, device) -> "PairBatch":
-        return PairBatch(self.batch.to(device), self.pair_index, self.split)
-
-
-def sequence_stats(module, pair_batch: PairBatch) -> dict[str, torch.Tensor]:
-    """Summed log-probs, completion lengths and LD-DPO tails (log-probs beyond the shorter of chosen and
-    rejected), for the chosen, rejected (and gold) sequences laid out one after the other."""
-    batch, pairs = pair_batch.batch, pair_batch.num_pairs
-    out = batch_logprobs(module, batch)
-    logps, sum_sq = out if isinstance(out, tuple) else (out, None)
-    sums = per_example_sum(logps, batch)
-    lengths = torch.bincount(batch.target_example, minlength=batch.num_examples).to(logps.dtype)
-    shared = torch.minimum(lengths[:pairs], lengths[pairs : 2 * pairs]).repeat(batch.num_examples // pairs)
-    beyond = batch.target_rank >= shared[batch.target_example]
-    tails = torch.zeros_like(sums).index_add(0, batch.target_example[beyond], logps[beyond])
-    stats = {"logps": sums, "lengths": lengths, "tails": tails}
-    if sum_sq is not None:  # WPO: mean over the completion of log p(y_t) - log sum_v p(v)^2
-        stats["aligned"] = per_example_sum(logps.detach() - sum_sq, batch) / lengths.clamp(min=1)
-    return stats
 
 
 def _side_stats(module, pair_batch: PairBatch) -> dict[str, torch.Tensor]:
@@ -81,20 +32,6 @@ def _side_stats(module, pair_batch: PairBatch) -> dict[str, torch.Tensor]:
     half = pair_batch.num_pairs
     return {f"{side}_{k}": stats[k][part] for k in STATS
             for side, part in (("chosen", slice(None, half)), ("rejected", slice(half, 2 * half)))}
-
-
-class PairEncoder(Encoder):
-    """A preference record -> chosen and rejected sequences (and the gold answer, for TPO)."""
-
-    def __init__(self, tokenize: ExampleTokenizer, needs_gold: bool, names: list[str]):
-        self.tokenize, self.needs_gold, self.names = tokenize, needs_gold, names
-
-    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
-        example = parse_preference(path, where, record)
-        if self.needs_gold and example.gold is None:
-            raise DataError(path, where, "gold", f"missing: loss {self.names} trains on a gold answer (TRL's 'reference')")
-        sides = [self.tokenize(side) for side in (example.chosen, example.rejected) + ((example.gold,) if self.needs_gold else ())]
-        return ([], 1) if None in sides else ([Encoded(sides)], 0)
 
 
 class PreferenceTask(OfflineTask):
@@ -107,7 +44,8 @@ class PreferenceTask(OfflineTask):
         self.hyperparameters = self.loss_cfg.hyperparameters()
         specs = check_pairwise(self.names, self.hyperparameters, self.loss_cfg.beta, self.loss_cfg.weights)
         needs = set().union(*(spec.needs for spec in specs))
-        self.needs_reference, self.needs_gold, self.needs_tails = ("reference" in needs, "gold" in needs, "tails" in needs)
+        self.needs_reference, self.needs_gold, self.needs_tails = ("reference" in needs, "gold" in needs,
+                                                                   "tails" in needs)
         dft = [spec.name for spec in specs if "log_partition" in spec.needs]
         if len(dft) > 1:
             raise UserError("loss.name: dft and dft2 track the same per-prompt state; use one of them")
@@ -121,11 +59,13 @@ class PreferenceTask(OfflineTask):
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, which: str, quiet: bool = False):
-        pairs = load_examples(self.recipe, which, PairEncoder(self.tokenize, self.needs_gold, self.names),
+        pairs = load_examples(self.recipe.data, self.recipe.train.seed, which,
+                              PairEncoder(self.tokenize, self.needs_gold, self.names),
                               lambda sides, extra, index: PairExample(sides[0], sides[1], index, which,
                                                                       sides[2] if len(sides) > 2 else None), quiet)
         if not pairs and self.recipe.data.sources(which):
-            raise UserError(f"data.{which}: every pair was dropped (too long for data.max_length={self.recipe.data.max_length})")
+            raise UserError(f"data.{which}: every pair was dropped (too long for "
+                            f"data.max_length={self.recipe.data.max_length})")
         self.track_sources(which, pairs)
         if pairs and not quiet:
             r = pairs.summary
@@ -138,13 +78,7 @@ class PreferenceTask(OfflineTask):
         return (p.chosen for p in pairs)
 
     def collate(self, pairs: list[PairExample]) -> PairBatch:
-        sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        if self.needs_gold:
-            sequences += [p.gold for p in pairs]
-        n = len(pairs)
-        shared = [list(range(i, len(sequences), n)) for i in range(n)]  # a pair's answers (and gold) share its prompt
-        batch = self.pack(sequences, shared, self.recipe.data.max_length)
-        return PairBatch(batch, torch.tensor([p.index for p in pairs]), pairs[0].split)
+        return collate_pairs(pairs, self.layout, self.recipe.data.max_length)
 
     def module(self, model) -> TargetLogprobs:
         """What the engine trains: target log-probs, plus log sum_v p_v^2 for WPO."""
@@ -158,7 +92,8 @@ class PreferenceTask(OfflineTask):
     def reference_stats(self, module, pair_batch: PairBatch) -> dict[str, torch.Tensor]:
         if self.reference.mode != "precomputed":
             return self.reference.run(module, sequence_stats, pair_batch)
-        cached = self.reference.cached(pair_batch.split, pair_batch.pair_index, list(_SIDE_KEYS), pair_batch.batch.input_ids.device)
+        cached = self.reference.cached(pair_batch.split, pair_batch.pair_index, list(_SIDE_KEYS),
+                                       pair_batch.batch.input_ids.device)
         return {k: torch.cat([cached[f"chosen_{k}"], cached[f"rejected_{k}"]]) for k in STATS}
 
     # -- loss ---------------------------------------------------------------------------------
@@ -186,8 +121,10 @@ class PreferenceTask(OfflineTask):
             tau = self.hyperparameters.get("tau", PAIRWISE[self.dft].defaults["tau"])
             scores = dft_scores(self.dft, rejected, ref_rejected, rejected_len, tau)
             extra["log_partition"] = self.log_partition(pair_batch, scores, training)
-        losses, metrics = pairwise_loss(self.names, chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
-                                        beta=self.loss_cfg.beta, weights=self.loss_cfg.weights, **self.hyperparameters, **extra)
+        losses, metrics = pairwise_loss(self.names, chosen, rejected, ref_chosen, ref_rejected, chosen_len,
+                                        rejected_len,
+                                        beta=self.loss_cfg.beta, weights=self.loss_cfg.weights, **self.hyperparameters,
+                                        **extra)
         return losses, metrics, Pair(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)
 
     def loss(self, module, pair_batch: PairBatch, normalizer: float):

@@ -11,87 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from posttrain.data.batching import Batch
-from posttrain.data.formats import StepsExample, parse_steps
-from posttrain.data.store import Encoded, Encoder, load_examples
+from posttrain.core.errors import UserError
+from posttrain.data.encoders import LabeledSteps, StepsBatch, StepsEncoder, labeled_steps
+from posttrain.data.store import load_examples
 from posttrain.data.tokenize import TokenizedExample
-from posttrain.errors import UserError
-from posttrain.train.forward import HeadOutputs
+from posttrain.model.forward import HeadOutputs
 from posttrain.train.tasks.reward_model import ClassifierTask
-
-
-@dataclass
-class StepsBatch:
-    batch: Batch  # one target per labeled separator: the head reads position target_index + 1
-    labels: torch.Tensor  # [N] 0 / 1, in target order
-
-    @property
-    def num_tokens(self) -> int:
-        return self.batch.num_tokens
-
-    def to(self, device) -> "StepsBatch":
-        return StepsBatch(self.batch.to(device), self.labels.to(device))
-
-
-@dataclass
-class LabeledSteps:
-    tokens: TokenizedExample  # weight 1 at each labeled separator: collate's target t + 1 is where the head reads
-    labels: np.ndarray  # [labeled steps] 0 / 1
-
-
-def tokenize_steps(example: StepsExample, tokenizer, separator: str, max_prompt_length: int | None = None,
-                   last_step_only: bool = False) -> tuple[list[int], list[int], list[int]]:
-    """(input_ids, positions of the labeled separators, their labels) in TRL's ``PRMTrainer.tokenize_row`` layout;
-    the prompt keeps its last ``max_prompt_length`` tokens (the caller cuts the row to its first max_length)."""
-    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
-    if tokenizer.bos_token_id is not None:
-        prompt = [tokenizer.bos_token_id] + prompt
-    if max_prompt_length is not None:
-        prompt = prompt[-max_prompt_length:]
-    separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
-    ids, positions, labels = list(prompt), [], []
-    for i, (step, label) in enumerate(zip(example.steps, example.labels)):
-        ids += tokenizer(step, add_special_tokens=False)["input_ids"] + separator_ids
-        if not last_step_only or i == len(example.steps) - 1:
-            positions.append(len(ids) - 1)
-            labels.append(int(label))
-    return ids, positions, labels
-
-
-class StepsEncoder(Encoder):
-    """A step-labelled solution -> its tokens with a target at each labeled separator, and the labels."""
-
-    tallies = ("steps", "correct")
-
-    def __init__(self, tokenizer, separator: str, max_prompt_length: int | None, last_only: bool, max_length: int):
-        self.tokenizer, self.separator, self.max_prompt_length = tokenizer, separator, max_prompt_length
-        self.last_only, self.max_length = last_only, max_length
-
-    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
-        ids, positions, labels = tokenize_steps(parse_steps(path, where, record), self.tokenizer, self.separator,
-                                                self.max_prompt_length, self.last_only)
-        truncated = len(ids) > self.max_length
-        if truncated:
-            ids = ids[: self.max_length]
-            kept = [k for k, p in enumerate(positions) if p < self.max_length]
-            positions, labels = [positions[k] for k in kept], [labels[k] for k in kept]
-        if not positions or positions[0] == 0:
-            return [], 1
-        weights = np.zeros(len(ids), np.float32)
-        weights[positions] = 1.0  # collate's target t + 1 is the separator: the head reads it
-        tokens = TokenizedExample(np.asarray(ids, np.int64), weights, truncated)
-        return [Encoded([tokens], {"labels": labels}, {"steps": len(labels), "correct": sum(labels)})], 0
-
-
-def labeled_steps(sequences: list[TokenizedExample], extra: dict, index: int) -> LabeledSteps:
-    sequences[0].index = index
-    return LabeledSteps(sequences[0], np.asarray(extra["labels"], np.int64))
 
 
 class ProcessRewardTask(ClassifierTask):
@@ -110,16 +39,18 @@ class ProcessRewardTask(ClassifierTask):
         last_only = self.cfg.train_on_last_step_only and which == "train"  # held-out data keeps every step's label
         encoder = StepsEncoder(self.tokenizer, self.cfg.step_separator, self.cfg.max_prompt_length, last_only,
                                self.recipe.data.max_length)
-        out = load_examples(self.recipe, which, encoder, labeled_steps, quiet)
+        out = load_examples(self.recipe.data, self.recipe.train.seed, which, encoder, labeled_steps, quiet)
         if not out and self.recipe.data.sources(which):
-            raise UserError(f"data.{which}: no record has a labeled step within data.max_length={self.recipe.data.max_length}")
+            raise UserError(f"data.{which}: no record has a labeled step within "
+                            f"data.max_length={self.recipe.data.max_length}")
         if not out:
             return out
         self.track_sources(which, out)
         if not quiet:
             r = out.summary
             print(f"data.{which}: {r['records']} records -> {len(out)} solutions, {r['steps']:.0f} labeled steps "
-                  f"({r['correct'] / r['steps']:.0%} correct); truncated {r['truncated']:.0f}, dropped {r['dropped']}", flush=True)
+                  f"({r['correct'] / r['steps']:.0%} correct); truncated {r['truncated']:.0f}, dropped {r['dropped']}",
+                  flush=True)
         return out
 
     def adapter_init_examples(self, examples: Sequence[LabeledSteps]) -> Iterable[TokenizedExample]:
@@ -137,7 +68,8 @@ class ProcessRewardTask(ClassifierTask):
 
     # -- loss -----------------------------------------------------------------------------------
     def normalizer(self, sb: StepsBatch) -> float:
-        """The loss is a mean over the labeled steps of the whole optimizer step (TRL: over a batch's labeled tokens)."""
+        """The loss is a mean over the labeled steps of the whole optimizer step (TRL: over a batch's labeled
+        tokens)."""
         return float(len(sb.labels))
 
     def logits(self, module, sb: StepsBatch) -> torch.Tensor:
@@ -164,10 +96,15 @@ class ProcessRewardTask(ClassifierTask):
         steps = max(sums["steps"], 1.0)
         f1 = {}
         for cls, name in ((1, "correct"), (0, "error")):
-            true_pos, predicted, actual = sums[f"{cls}{cls}"], sums[f"{cls}0"] + sums[f"{cls}1"], sums[f"0{cls}"] + sums[f"1{cls}"]
+            true_pos, predicted, actual = (
+                sums[f"{cls}{cls}"],
+                sums[f"{cls}0"] + sums[f"{cls}1"],
+                sums[f"0{cls}"] + sums[f"1{cls}"],
+            )
             f1[name] = 2 * true_pos / (predicted + actual) if predicted + actual else 0.0
         return {"eval/loss": sums["loss"] / steps, "eval/accuracy": (sums["00"] + sums["11"]) / steps,
-                "eval/f1_correct": f1["correct"], "eval/f1_error": f1["error"], "eval/f1": (f1["correct"] + f1["error"]) / 2}
+                "eval/f1_correct": f1["correct"], "eval/f1_error": f1["error"],
+                "eval/f1": (f1["correct"] + f1["error"]) / 2}
 
     def annotate(self, model) -> None:
         config = model.config

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-
 from dataclasses import dataclass
 
 import torch
 
+from posttrain.core.errors import UserError
 from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_ranked
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
-from posttrain.errors import UserError
+from posttrain.model.forward import sequence_logps
 from posttrain.objectives.ranking import check_ranking, ranking_loss
-from posttrain.train.forward import sequence_logps
 from posttrain.train.reference import Reference
 from posttrain.train.task import OfflineTask
 
@@ -87,10 +86,12 @@ class RankingTask(OfflineTask):
         self.width: dict[str, int] = {}  # the largest K of each split: the cache's grid width
 
     def build_dataset(self, which: str, quiet: bool = False):
-        items = load_examples(self.recipe, which, RankedEncoder(self.tokenize),
-                              lambda responses, extra, index: RankedItem(responses, extra["scores"], index, which), quiet)
+        items = load_examples(self.recipe.data, self.recipe.train.seed, which, RankedEncoder(self.tokenize),
+                              lambda responses, extra, index: RankedItem(responses, extra["scores"], index, which),
+                              quiet)
         if not items and self.recipe.data.sources(which):
-            raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={self.recipe.data.max_length})")
+            raise UserError(f"data.{which}: every record was dropped (too long for "
+                            f"data.max_length={self.recipe.data.max_length})")
         if not items:
             return items
         self.track_sources(which, items)
@@ -117,7 +118,8 @@ class RankingTask(OfflineTask):
             scores[b, : len(item.scores)] = torch.tensor(item.scores)
             mask[b, : len(item.scores)] = True
         batch = self.pack(sequences, shared, self.recipe.data.max_length)
-        return RankedBatch(batch, torch.tensor(slots), scores, mask, torch.tensor([i.index for i in items]), items[0].split)
+        return RankedBatch(batch, torch.tensor(slots), scores, mask, torch.tensor([i.index for i in items]),
+                           items[0].split)
 
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
         super().setup(model, accelerator, train, evaluation)

@@ -14,22 +14,23 @@ reward weights and the reward mean / std measured on the held-out data (for late
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from posttrain.core.errors import UserError
 from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_rated
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
-from posttrain.errors import UserError
+from posttrain.model.forward import HeadOutputs, decoder_trunk_and_head
+from posttrain.model.load import load_classifier, save_final
+from posttrain.model.peft import merged
 from posttrain.objectives.reward import bradley_terry
-from posttrain.train.forward import HeadOutputs, decoder_trunk_and_head
 from posttrain.train.task import OfflineTask
 
 
@@ -107,8 +108,6 @@ class ClassifierTask(OfflineTask):
     num_labels = 1
 
     def load_model(self, path: str):
-        from posttrain.models import load_classifier
-
         model = load_classifier(path, self.num_labels, self.per_token, self.recipe.trust_remote_code,
                                 self.recipe.allow_pickle)
         model.config.pad_token_id = self.tokenizer.pad_token_id  # transformers' own forward needs it for batches
@@ -118,9 +117,6 @@ class ClassifierTask(OfflineTask):
         return model
 
     def save_final(self, model, tokenizer, directory) -> None:
-        from posttrain.export import merged
-        from posttrain.models import save_final
-
         model = merged(model)
         model.config.pad_token_id = tokenizer.pad_token_id
         self.annotate(model)
@@ -144,8 +140,10 @@ class RatedEncoder(Encoder):
         if None in sequences:
             return [], 1
         ratings = [[r.get(name) for name in self.objectives] or [None] for r in rated.ratings]
-        tally = {"pairs": float(len(sequences) == 2), "rated": float(any(v is not None and math.isfinite(v) for row in ratings for v in row))}
-        return [Encoded([last_token_only(s) for s in sequences], {"ratings": ratings, "margin": rated.margin}, tally)], 0
+        tally = {"pairs": float(len(sequences) == 2),
+                 "rated": float(any(v is not None and math.isfinite(v) for row in ratings for v in row))}
+        return [Encoded([last_token_only(s) for s in sequences], {"ratings": ratings, "margin": rated.margin},
+                        tally)], 0
 
 
 class RewardModelTask(ClassifierTask):
@@ -168,16 +166,19 @@ class RewardModelTask(ClassifierTask):
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, which: str, quiet: bool = False):
-        out = load_examples(self.recipe, which, RatedEncoder(self.tokenize, self.objectives), self.example, quiet)
+        out = load_examples(self.recipe.data, self.recipe.train.seed, which,
+                            RatedEncoder(self.tokenize, self.objectives), self.example, quiet)
         if not out and self.recipe.data.sources(which):
-            raise UserError(f"data.{which}: every record was dropped (too long for data.max_length={self.recipe.data.max_length})")
+            raise UserError(f"data.{which}: every record was dropped (too long for "
+                            f"data.max_length={self.recipe.data.max_length})")
         if not out:
             return out
         self.track_sources(which, out)
         r = out.summary
         if not quiet:
             print(f"data.{which}: {r['records']} records -> {r['pairs']:.0f} pairs, {len(out) - r['pairs']:.0f} rated "
-                  f"completions, {r['tokens']:,.0f} tokens; truncated {r['truncated']:.0f} ({self.recipe.data.truncation}), "
+                  f"completions, {r['tokens']:,.0f} tokens; truncated {r['truncated']:.0f} "
+                  f"({self.recipe.data.truncation}), "
                   f"dropped {r['dropped']}", flush=True)
         if which == "train":
             self.check_supervision(rated=r["rated"] > 0, pairs=r["pairs"] > 0)
@@ -189,7 +190,9 @@ class RewardModelTask(ClassifierTask):
 
     def check_supervision(self, rated: bool, pairs: bool) -> None:
         if self.cfg.weighting == "learned" and not pairs:
-            raise UserError("rm.weighting: learned learns the weights from preference pairs; the training data has none")
+            raise UserError(
+                "rm.weighting: learned learns the weights from preference pairs; the training data has none"
+            )
         if self.objectives and not rated:
             raise UserError(f"rm.objectives: no training record rates {', '.join(self.objectives)} "
                             "(ratings / chosen_ratings / rejected_ratings)")
@@ -209,7 +212,8 @@ class RewardModelTask(ClassifierTask):
         batch = self.pack(sequences, max_length=self.recipe.data.max_length)
         return RewardBatch(batch, last_positions(batch), torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
                            torch.tensor(pair_record, dtype=torch.long), torch.tensor(margins, dtype=torch.float64),
-                           torch.from_numpy(np.concatenate([e.ratings for e in examples])), torch.tensor(sequence_record),
+                           torch.from_numpy(np.concatenate([e.ratings for e in examples])),
+                           torch.tensor(sequence_record),
                            len(examples))
 
     # -- model ----------------------------------------------------------------------------------
@@ -237,12 +241,14 @@ class RewardModelTask(ClassifierTask):
         scores, reward = module(b.input_ids, b.position_ids, b.attention_mask, rb.last_index, segments=b.segments)
         chosen, rejected = reward[rb.pairs[:, 0]], reward[rb.pairs[:, 1]]
         per_pair = bradley_terry(chosen, rejected, rb.margins, self.cfg.center_rewards_coefficient)
-        losses = torch.zeros(rb.num_records, dtype=scores.dtype, device=scores.device).index_add(0, rb.pair_record, per_pair)
+        losses = torch.zeros(rb.num_records, dtype=scores.dtype, device=scores.device).index_add(0, rb.pair_record,
+                                                                                                 per_pair)
         out = {"scores": scores, "reward": reward, "chosen": chosen, "rejected": rejected}
         if self.objectives:
             rated = torch.isfinite(rb.ratings)
             squared = torch.where(rated, scores - torch.nan_to_num(rb.ratings).to(scores.dtype), 0.0) ** 2
-            count = torch.zeros(rb.num_records, device=scores.device).index_add(0, rb.sequence_record, rated.sum(1).float())
+            count = torch.zeros(rb.num_records, device=scores.device).index_add(0, rb.sequence_record,
+                                                                                rated.sum(1).float())
             total = torch.zeros_like(losses).index_add(0, rb.sequence_record, squared.sum(1))
             losses = losses + self.cfg.regression_weight * total / count.clamp(min=1).to(total.dtype)
             out.update(squared=squared, rated=rated)
@@ -282,9 +288,11 @@ class RewardModelTask(ClassifierTask):
         mean = sums["reward"] / n
         std = math.sqrt(max(sums["reward_sq"] / n - mean ** 2, 0.0))
         self.reward_stats = {"reward_mean": mean, "reward_std": std, "reward_stats_n": int(sums["sequences"])}
-        metrics = {"eval/loss": sums["loss"] / max(sums["records"], 1.0), "eval/reward_mean": mean, "eval/reward_std": std}
+        metrics = {"eval/loss": sums["loss"] / max(sums["records"], 1.0), "eval/reward_mean": mean,
+                   "eval/reward_std": std}
         if sums["pairs"]:
-            metrics.update({"eval/accuracy": sums["correct"] / sums["pairs"], "eval/margin": sums["margin"] / sums["pairs"]})
+            metrics.update({"eval/accuracy": sums["correct"] / sums["pairs"],
+                            "eval/margin": sums["margin"] / sums["pairs"]})
         for name in self.objectives:
             if sums[f"rated/{name}"]:
                 metrics[f"eval/rmse/{name}"] = math.sqrt(sums[f"se/{name}"] / sums[f"rated/{name}"])
@@ -310,7 +318,8 @@ class RewardModelTask(ClassifierTask):
         size = self.recipe.train.batch_size
         sums: dict[str, float] = {}
         for start in range(0, min(limit, len(self.train_examples)), size):
-            for key, value in self.eval_sums(module, self.collate(self.train_examples[start : start + size]).to(self.device)).items():
+            batch = self.collate(self.train_examples[start : start + size]).to(self.device)
+            for key, value in self.eval_sums(module, batch).items():
                 sums[key] = sums.get(key, 0.0) + value
         self.eval_metrics(sums)
         return self.reward_stats

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.core.errors import UserError
 from posttrain.data.batching import Batch
 from posttrain.data.formats import Message, Segment
 from posttrain.data.tokenize import completion_example
-from posttrain.errors import UserError
+from posttrain.model.forward import TargetLogprobs, model_inputs
 from posttrain.rollout.backend import sample_seed
-from posttrain.train.forward import TargetLogprobs, model_inputs
 from posttrain.train.tasks.rounds import PoolTask
 from posttrain.train.tasks.sampling import PromptExample
 
@@ -73,8 +73,10 @@ class RFTTask(PoolTask):
         if cfg.hint is not None and unsolved:
             hinted_kept, hint_stats = self.sample_and_accept(step, unsolved, hinted=True)
             kept.update(hinted_kept)
-        local = {"pool": [(pos, pair) for pos in sorted(kept) for pair in kept[pos]], "stats": stats, "hint": hint_stats,
-                 "generated": self.backend.stats.tokens - generated_before, "seconds": self.backend.stats.seconds - seconds_before}
+        local = {"pool": [(pos, pair) for pos in sorted(kept) for pair in kept[pos]], "stats": stats,
+                 "hint": hint_stats,
+                 "generated": self.backend.stats.tokens - generated_before,
+                 "seconds": self.backend.stats.seconds - seconds_before}
         every = self.gathered(local)
         # in prompt order, as one process would have it: the process count must not change what a step trains on
         pool = [pair for _, pair in sorted((entry for part in every for entry in part["pool"]), key=lambda e: e[0])]
@@ -94,7 +96,8 @@ class RFTTask(PoolTask):
         if cfg.hint is not None:
             self.round_metrics["rft/hint_solved_fraction"] = hints["solved"] / max(prompts - total["solved"], 1)
         self.say(f"round {round_ + 1}/{cfg.rounds}: {total['solved']} of {prompts} prompts solved, "
-                 f"{total['accepted']} of {total['sampled']} samples accepted ({self.round_metrics['rft/acceptance_rate']:.1%})"
+                 f"{total['accepted']} of {total['sampled']} samples accepted "
+                 f"({self.round_metrics['rft/acceptance_rate']:.1%})"
                  + (f", {hints['solved']} more solved with the hint" if cfg.hint is not None else "")
                  + f"; training on {len(pool)} distinct completions")
         return pool
@@ -103,14 +106,18 @@ class RFTTask(PoolTask):
         """{position: [(prompt ids, completion ids), ...]} of the accepted completions, and counts."""
         cfg, g = self.cfg, self.recipe.rollout.num_generations
         flat = [(pos, ex) for pos, ex in prompts for _ in range(g)]
-        seeds = [sample_seed(self.recipe.train.seed, step, pos, k % g + (g if hinted else 0)) for k, (pos, _) in enumerate(flat)]
+        seeds = [
+            sample_seed(self.recipe.train.seed, step, pos, k % g + (g if hinted else 0))
+            for k, (pos, _) in enumerate(flat)
+        ]
         sampled_ids = [self.hinted(ex) if hinted else ex.prompt_ids for _, ex in flat]
         completions = self.backend.generate(sampled_ids, seeds, self.settings)
         scores = self.score([ex for _, ex in flat], completions, [pos for pos, _ in flat])
         for error in scores.errors[:3]:
             self.say(f"reward error: {error}")
         kept: dict[int, list] = {}
-        stats = {"sampled": len(flat), "accepted": 0, "solved": 0, "duplicates": 0, "reward_sum": float(sum(scores.total))}
+        stats = {"sampled": len(flat), "accepted": 0, "solved": 0, "duplicates": 0,
+                 "reward_sum": float(sum(scores.total))}
         for lo in range(0, len(flat), g):
             pos, ex = flat[lo]
             group = list(range(lo, lo + g))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.errors import UserError
+from posttrain.core.errors import UserError
 from posttrain.train.tasks.sampling import SamplingTask
 
 
@@ -22,7 +22,8 @@ class PoolTask(SamplingTask):
     def __init__(self, recipe, tokenizer, cfg):
         super().__init__(recipe, tokenizer, cfg)
         if recipe.rollout.tool != "none":
-            raise UserError("rollout.tool: tool-using rollouts train with grpo or ppo (their loss masks the tool's output)")
+            raise UserError("rollout.tool: tool-using rollouts train with grpo or ppo (their loss masks the tool's "
+                            "output)")
         self.pool: list[tuple[list[int], ...]] | None = None
         self.round_metrics: dict[str, float] = {}
 
@@ -84,4 +85,6 @@ class PoolTask(SamplingTask):
         columns = [[chunk.tolist() for chunk in torch.split(state[f"{name}_tokens"], state[f"{name}_lengths"].tolist())]
                    for name in self.fields]
         self.pool = list(zip(*columns)) if columns and columns[0] else []
-        self.round_metrics = {k.removeprefix("metrics/"): float(v) for k, v in state.items() if k.startswith("metrics/")}
+        self.round_metrics = {
+            k.removeprefix("metrics/"): float(v) for k, v in state.items() if k.startswith("metrics/")
+        }

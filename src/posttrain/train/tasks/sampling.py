@@ -13,13 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from posttrain.data.formats import RecordChecker
+from posttrain.core.errors import UserError
+from posttrain.core.sandbox import Limits, SandboxUnavailable, require_isolation
+from posttrain.data.formats import Message, RecordChecker, Segment
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ChatFormatter, TokenizedExample
-from posttrain.errors import UserError
 from posttrain.evaluate.stats import wilson_interval
+from posttrain.rewards.model import load_scorer
+from posttrain.rewards.runner import RewardRunner
 from posttrain.rollout.backend import SamplingSettings, TransformersBackend
-from posttrain.train.task import OfflineTask
+from posttrain.rollout.tools import INSTRUCTIONS, ToolUse
+from posttrain.rollout.vllm_client import VLLMBackend
+from posttrain.train.task import OfflineTask, sum_over_processes
 
 
 @dataclass
@@ -39,7 +44,12 @@ class PromptEncoder(Encoder):
     def __init__(self, tokenizer, chat_template: str | None, chat: bool, tool: str, tool_instructions: str | None,
                  few_shot: list[dict], max_length: int):
         self.tokenizer, self.chat_template, self.chat = tokenizer, chat_template, chat
-        self.tool, self.tool_instructions, self.few_shot, self.max_length = tool, tool_instructions, few_shot, max_length
+        self.tool, self.tool_instructions, self.few_shot, self.max_length = (
+            tool,
+            tool_instructions,
+            few_shot,
+            max_length,
+        )
         self._formatter = None
 
     @property
@@ -52,7 +62,8 @@ class PromptEncoder(Encoder):
         check = RecordChecker(path, where, record)
         prompt = self.with_context(check.text_or_messages("prompt", "user"))
         if isinstance(prompt, str):
-            text = self.formatter.render([user_message(prompt)], add_generation_prompt=True) if self.formatter else prompt
+            text = self.formatter.render([user_message(prompt)],
+                                         add_generation_prompt=True) if self.formatter else prompt
             shown, conversation = prompt, ([{"role": "user", "content": prompt}] if self.formatter else prompt)
         else:
             if self.formatter is None:
@@ -72,9 +83,6 @@ class PromptEncoder(Encoder):
         paragraph of a raw-text prompt) and few-shot turns (after any system message)."""
         if self.tool == "none" and not self.few_shot:
             return prompt
-        from posttrain.data.formats import Message, Segment
-        from posttrain.rollout.tools import INSTRUCTIONS
-
         instructions = (self.tool_instructions or INSTRUCTIONS) if self.tool != "none" else None
         if isinstance(prompt, str) and self.formatter is None:
             return instructions + "\n\n" + prompt
@@ -111,11 +119,13 @@ class SamplingTask(OfflineTask):
     def build_dataset(self, which: str, quiet: bool = False):
         rollout = self.recipe.rollout
         encoder = PromptEncoder(self.tokenizer, self.recipe.data.chat_template if rollout.chat else None, rollout.chat,
-                                rollout.tool, rollout.tool_instructions, list(rollout.few_shot), self.recipe.data.max_length)
-        examples = load_examples(self.recipe, which, encoder, prompt_example, quiet)
+                                rollout.tool, rollout.tool_instructions, list(rollout.few_shot),
+                                self.recipe.data.max_length)
+        examples = load_examples(self.recipe.data, self.recipe.train.seed, which, encoder, prompt_example, quiet)
         self.track_sources(which, examples)
         if examples and not quiet:
-            print(f"data.{which}: {len(examples)} prompts; {examples.summary['truncated']:.0f} truncated on the left to "
+            print(f"data.{which}: {len(examples)} prompts; {examples.summary['truncated']:.0f} truncated on the left "
+                  f"to "
                   f"data.max_length={self.recipe.data.max_length}", flush=True)
         return examples
 
@@ -126,9 +136,6 @@ class SamplingTask(OfflineTask):
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, model, accelerator, train: list, evaluation: list) -> None:
-        from posttrain.rewards.model import load_scorer
-        from posttrain.rewards.runner import RewardRunner
-
         super().setup(model, accelerator, train, evaluation)
         self.model = model
         self.backend = self.generation_backend(model)
@@ -142,8 +149,6 @@ class SamplingTask(OfflineTask):
         if rollout.engine == "vllm":
             from pathlib import Path
 
-            from posttrain.rollout.vllm_client import VLLMBackend
-
             if self.processes()[0] > 1:
                 raise UserError("rollout.engine: vllm serves one training process; use transformers with several")
             backend = VLLMBackend(model, self.tokenizer, rollout.vllm_url, Path(self.recipe.output_dir))
@@ -151,9 +156,6 @@ class SamplingTask(OfflineTask):
             backend = TransformersBackend(model, self.tokenizer, rollout.batch_size)
         if rollout.tool == "none":
             return backend
-        from posttrain.rewards.sandbox import Limits, SandboxUnavailable, require_isolation
-        from posttrain.rollout.tools import ToolUse
-
         if not rollout.tool_unsandboxed:
             try:
                 require_isolation("rollout.tool: python", "rollout.tool_unsandboxed: true")
@@ -193,15 +195,14 @@ class SamplingTask(OfflineTask):
         """Greedy completions of the held-out prompts, scored by the reward functions: the mean summed reward
         (``eval/reward``) and each function's (``eval/<name>/reward``); where every score is 0 or 1 (a verifier),
         also the accuracy with its 95% Wilson interval (``eval/accuracy``, ``eval/<name>/accuracy``)."""
-        from posttrain.train.task import sum_over_processes
-
         world, rank = self.processes()
         mine = examples[rank::world]
         greedy = SamplingSettings(self.settings.max_new_tokens, 0.0, stop=self.settings.stop)
         completions = self.backend.generate([e.prompt_ids for e in mine], [0] * len(mine), greedy) if mine else []
         scores = self.score(mine, completions, list(range(len(mine))))
         # the summed reward, and each reward function on its own (a failed score counts 0)
-        parts = {"": scores.total, **{f"{name}/": [v or 0.0 for v in values] for name, values in scores.by_reward.items()}}
+        parts = {"": scores.total,
+                 **{f"{name}/": [v or 0.0 for v in values] for name, values in scores.by_reward.items()}}
         local = {"n": float(len(mine)), "length": float(sum(len(c.token_ids) for c in completions)),
                  "tool_users": float(sum(c.tool_calls > 0 for c in completions))}
         for prefix, values in parts.items():
@@ -238,8 +239,6 @@ def eval_mode(module):
 
 
 def user_message(text: str):
-    from posttrain.data.formats import Message, Segment
-
     return Message("user", [Segment(text)])
 
 

@@ -16,35 +16,19 @@ import math
 import numpy as np
 import torch
 
+from posttrain.core.errors import UserError
 from posttrain.data.batching import Batch
+from posttrain.data.encoders import SFTEncoder, sft_example
 from posttrain.data.formats import parse_sft
-from posttrain.data.store import Encoded, Encoder, load_examples
+from posttrain.data.store import load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
-from posttrain.errors import UserError
+from posttrain.model.distill import target_topk
+from posttrain.model.forward import TargetLogprobs, batch_logprobs, final_hidden_states, per_example_sum
 from posttrain.objectives.sft import SFT_LOSSES, poft, select_tokens, selected_count
-from posttrain.ops.distill import target_topk
-from posttrain.train.forward import TargetLogprobs, batch_logprobs, final_hidden_states, per_example_sum
+from posttrain.rollout.backend import SamplingSettings, TransformersBackend, sample_seed
 from posttrain.train.precompute import TargetTable, compute_targets, load_frozen
+from posttrain.train.self_sample import self_sampled_answers, with_answer
 from posttrain.train.task import OfflineTask, sum_over_processes
-
-
-class SFTEncoder(Encoder):
-    """A record -> one tokenized example (with the record itself, for S3FT's answers)."""
-
-    def __init__(self, tokenize: ExampleTokenizer, keep_record: bool):
-        self.tokenize, self.keep_record = tokenize, keep_record
-
-    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
-        tokenized = self.tokenize(parse_sft(path, where, record))
-        if tokenized is None:
-            return [], 1
-        return [Encoded([tokenized], {"path": path, "where": where, "record": record} if self.keep_record else None)], 0
-
-
-def sft_example(sequences: list[TokenizedExample], extra: dict | None, index: int) -> TokenizedExample:
-    example = sequences[0]
-    example.index = index
-    return example
 
 
 class SFTTask(OfflineTask):
@@ -59,7 +43,8 @@ class SFTTask(OfflineTask):
         self.tables: dict[str, TargetTable] = {}
         self.ref_means: torch.Tensor | None = None  # PoFT: [n, R] mean log-probs of the reference models
         self.mask_id = self.mask_token_id() if self.cfg.mask_ratio else None
-        self.on_policy = self.cfg.loss == "distill" and self.cfg.distill.lmbda > 0
+        self.distills = "teacher" in self.spec.needs
+        self.on_policy = self.distills and self.cfg.distill.lmbda > 0
         self.generates = self.on_policy
         self.teacher = None  # on-policy distillation: the teacher model itself (off-policy uses a cached top-k)
         self.sampled = {"examples": 0.0, "on_policy": 0.0}
@@ -67,7 +52,7 @@ class SFTTask(OfflineTask):
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, which: str, quiet: bool = False):
         encoder = SFTEncoder(self.tokenize, keep_record=self.cfg.self_sample and which == "train")
-        examples = load_examples(self.recipe, which, encoder, sft_example, quiet)
+        examples = load_examples(self.recipe.data, self.recipe.train.seed, which, encoder, sft_example, quiet)
         if not examples and self.recipe.data.sources(which):
             raise UserError(f"data.{which}: every record was dropped (too long for data.max_length="
                             f"{self.recipe.data.max_length} or no target tokens)")
@@ -99,8 +84,6 @@ class SFTTask(OfflineTask):
         """GKD (Agarwal et al., 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated
         Mistakes"): with probability ``lmbda`` (a draw per (seed, step, example)) an example's completion, from its
         first trained token on, is replaced by one the student samples now; the teacher then scores those tokens."""
-        from posttrain.rollout.backend import SamplingSettings, sample_seed
-
         d, seed = self.cfg.distill, self.recipe.train.seed
         chosen = [i for i, e in enumerate(examples)
                   if torch.rand(1, generator=torch.Generator().manual_seed(sample_seed(seed, step, e.index, 1)),
@@ -111,7 +94,8 @@ class SFTTask(OfflineTask):
             return examples
         prompts = [examples[i].input_ids[: int(np.argmax(examples[i].weights > 0))].tolist() for i in chosen]
         settings = SamplingSettings(d.max_new_tokens, d.sampling_temperature)
-        completions = self.backend.generate(prompts, [sample_seed(seed, step, examples[i].index, 0) for i in chosen], settings)
+        completions = self.backend.generate(prompts, [sample_seed(seed, step, examples[i].index, 0) for i in chosen],
+                                            settings)
         out = list(examples)
         for i, prompt, completion in zip(chosen, prompts, completions):
             ids = prompt + completion.token_ids
@@ -148,37 +132,40 @@ class SFTTask(OfflineTask):
         for e in range(batch.num_examples):
             seed = (self.recipe.train.seed * 1_000_003 + step) * 1_000_033 + int(batch.example_index[e])
             mine = batch.target_example == e
-            draws[mine] = torch.rand(int(counts[e]), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[batch.target_rank[mine]]
+            draws[mine] = torch.rand(int(counts[e]), generator=torch.Generator().manual_seed(seed),
+                                     dtype=torch.float64)[batch.target_rank[mine]]
         last = batch.target_rank == counts[batch.target_example] - 1
         chosen = (draws < self.cfg.mask_ratio) & ~last
         batch.input_ids.view(-1)[batch.target_index[chosen] + 1] = self.mask_id
 
     # -- models computed once over the training data ------------------------------------------
     def module(self, model) -> TargetLogprobs:
-        distill = self.cfg.distill.model_dump(include={"divergence", "jsd_beta", "temperature"}) if self.cfg.loss == "distill" else None
+        keys = {"divergence", "jsd_beta", "temperature"}
+        distill = self.cfg.distill.model_dump(include=keys) if self.distills else None
         return TargetLogprobs(model, self.recipe.train.logprob_chunk, distill=distill)
 
     def setup(self, model, accelerator, train: list[TokenizedExample], evaluation: list) -> None:
         super().setup(model, accelerator, train, evaluation)
         if self.cfg.self_sample:
             self.self_sample(model, accelerator, train)
-        logps = lambda m, batch: {"logps": batch_logprobs(TargetLogprobs(m, self.recipe.train.logprob_chunk), batch)}  # noqa: E731
+        logps = lambda m, batch: {"logps": batch_logprobs(TargetLogprobs(m, self.recipe.train.logprob_chunk),
+                                                          batch)}  # noqa: E731
         args = (train, self.collate, logps, self.recipe, accelerator, self.tokenizer)
         if self.cfg.token_selection is not None:
-            self.tables["selection"] = compute_targets(self.cfg.token_selection.reference, *args, name="token_selection_reference")
-        if self.cfg.loss == "poft":
+            self.tables["selection"] = compute_targets(self.cfg.token_selection.reference, *args,
+                                                       name="token_selection_reference")
+        if "references" in self.spec.needs:
             counts = torch.tensor([max(e.num_targets, 1) for e in train], dtype=torch.float64)
             means = [compute_targets(spec, *args, name=f"poft_reference_{r}").per_example("logps").double() / counts
                      for r, spec in enumerate(self.cfg.references)]
             self.ref_means = torch.stack(means, 1)
         if self.on_policy:
-            from posttrain.rollout.backend import TransformersBackend
-
             self.teacher = load_frozen(self.recipe.teacher, self.recipe, self.tokenizer, accelerator.device, "teacher")
             self.backend = TransformersBackend(model, self.tokenizer, self.recipe.train.batch_size)
-        elif self.cfg.loss == "distill":
+        elif self.distills:
             d = self.cfg.distill
-            self.tables["teacher"] = compute_targets(self.recipe.teacher, train, self.collate, self.teacher_topk, self.recipe,
+            self.tables["teacher"] = compute_targets(self.recipe.teacher, train, self.collate, self.teacher_topk,
+                                                     self.recipe,
                                                      accelerator, self.tokenizer, name="teacher_topk",
                                                      settings=f"top_k={d.top_k}|temperature={d.temperature}")
 
@@ -193,8 +180,6 @@ class SFTTask(OfflineTask):
     def self_sample(self, model, accelerator, train: list[TokenizedExample]) -> None:
         """S3FT: swap in the model's own correct answers (see :mod:`posttrain.train.self_sample`)."""
         from pathlib import Path
-
-        from posttrain.train.self_sample import self_sampled_answers, with_answer
 
         sources = [train.extra(i) for i in range(len(train))]
         parsed = [parse_sft(s["path"], s["where"], s["record"]) for s in sources]
@@ -211,7 +196,8 @@ class SFTTask(OfflineTask):
                 replaced += 1
         self.self_sampled = replaced
         if accelerator.is_main_process:
-            print(f"S3FT: {replaced} of {len(train)} training items answered correctly by the model: trained on its own "
+            print(f"S3FT: {replaced} of {len(train)} training items answered correctly by the model: trained on its "
+                  f"own "
                   f"answers; {len(train) - replaced} on the gold answers", flush=True)
 
     # -- loss ---------------------------------------------------------------------------------
@@ -235,7 +221,9 @@ class SFTTask(OfflineTask):
             means = per_example_sum(logps * active, batch) / per_example_sum(active, batch).clamp(min=1)
             references = self.ref_means[batch.example_index.cpu()].to(logps)
             losses = poft(means, references, **self.spec.options(self.cfg.beta, {}))
-            return losses.sum() / normalizer, {"poft/margin": float((means[:, None] - references).mean()) * batch.num_examples / normalizer}
+            return losses.sum() / normalizer, {
+                "poft/margin": float((means[:, None] - references).mean()) * batch.num_examples / normalizer
+            }
         per_token = self.spec.fn(divergence if divergence is not None else logps)
         weights = batch.target_weights.to(logps.dtype)
         metrics = {}

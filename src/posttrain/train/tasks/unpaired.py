@@ -11,21 +11,20 @@ checkpoint, so a resumed run continues with the same shift.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from posttrain.core.errors import UserError
 from posttrain.data.batching import Batch
 from posttrain.data.formats import parse_unpaired
 from posttrain.data.store import Encoded, Encoder, load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
-from posttrain.errors import UserError
+from posttrain.model.forward import final_hidden_states, sequence_logps
 from posttrain.objectives.unpaired import check_unpaired, density_ratio, fit_prompt_classifier, unpaired_loss
-from posttrain.train.forward import final_hidden_states, sequence_logps
 from posttrain.train.reference import Reference
 from posttrain.train.task import OfflineTask
 
@@ -90,7 +89,7 @@ class UnpairedTask(OfflineTask):
         self.beta = self.spec.beta(self.loss_cfg.beta)
         self.step_kl: torch.Tensor | None = None  # KTO's z0 for the current optimizer step
         udm = self.loss_cfg.changed({"density_ratio", "min_density_ratio", "max_density_ratio", "prompt_sample_size"})
-        if udm and (self.loss_cfg.name != "bco" or not self.loss_cfg.density_ratio):
+        if udm and ("density_ratio" not in self.spec.needs or not self.loss_cfg.density_ratio):
             raise UserError(f"loss: {', '.join(sorted(udm))} need loss.name: bco and loss.density_ratio: true")
         self.ratios: dict[str, torch.Tensor] = {}
         self.reference = Reference(recipe, True, [self.loss_cfg.name])
@@ -100,10 +99,12 @@ class UnpairedTask(OfflineTask):
 
     # -- data ---------------------------------------------------------------------------------
     def build_dataset(self, which: str, quiet: bool = False):
-        out = load_examples(self.recipe, which, UnpairedEncoder(self.tokenize),
-                            lambda sequences, extra, index: LabelledExample(sequences[0], extra["label"], index, which), quiet)
+        out = load_examples(self.recipe.data, self.recipe.train.seed, which, UnpairedEncoder(self.tokenize),
+                            lambda sequences, extra,
+                            index: LabelledExample(sequences[0], extra["label"], index, which), quiet)
         if not out and self.recipe.data.sources(which):
-            raise UserError(f"data.{which}: every example was dropped (too long for data.max_length={self.recipe.data.max_length})")
+            raise UserError(f"data.{which}: every example was dropped (too long for "
+                            f"data.max_length={self.recipe.data.max_length})")
         if not out:
             return out
         desirable = out.summary["desirable"]
@@ -151,7 +152,8 @@ class UnpairedTask(OfflineTask):
         """Fit p(desirable | prompt) on prompt embeddings of the initial model (mean-pooled last hidden states:
         the BCO paper uses a separate embedding model), then weight every undesirable example by its density ratio."""
         cfg = self.loss_cfg
-        embeddings = {split: self.prompt_embeddings(model, device, examples) for split, examples in splits.items() if examples}
+        embeddings = {split: self.prompt_embeddings(model, device,
+                                                    examples) for split, examples in splits.items() if examples}
         generator = torch.Generator().manual_seed(self.recipe.train.seed)
         train = splits["train"]
         sample = torch.randperm(len(train), generator=generator)[: cfg.prompt_sample_size]
@@ -173,7 +175,8 @@ class UnpairedTask(OfflineTask):
                     ids[row, : len(prompt)] = torch.from_numpy(prompt)
                     mask[row, : len(prompt)] = 1
                 hidden = final_hidden_states(model, ids.to(device), None, mask.to(device))
-                out.append(((hidden * mask.to(device)[..., None]).sum(1) / mask.sum(1, keepdim=True).to(device)).float().cpu())
+                out.append(((hidden * mask.to(device)[..., None]).sum(1) / mask.sum(1,
+                                                                                    keepdim=True).to(device)).float().cpu())
         return torch.cat(out)
 
     def reference_stats(self, module, batch: UnpairedBatch, names=("logps",)) -> dict[str, torch.Tensor]:
@@ -221,7 +224,7 @@ class UnpairedTask(OfflineTask):
         logps = sequence_logps(module, batch.batch)
         reference = self.reference_stats(module, batch)
         kl = self.kl_estimate(module, batch, training)
-        if training and self.loss_cfg.name == "bco":
+        if training and "reward_shift" in self.spec.needs:
             self.update_shift(self.beta * (logps.detach() - reference["logps"]))
         cfg = self.loss_cfg
         ratios = self.ratios[batch.split][batch.index].to(logps.device) if cfg.density_ratio else None
@@ -232,7 +235,8 @@ class UnpairedTask(OfflineTask):
     def loss(self, module, batch: UnpairedBatch, normalizer: float):
         losses, metrics, _ = self.compute(module, batch, training=True)
         labels = batch.labels
-        out = {"kl": float(metrics["kl"]) * len(labels) / normalizer, "reward_shift": self.shift * len(labels) / normalizer}
+        out = {"kl": float(metrics["kl"]) * len(labels) / normalizer,
+               "reward_shift": self.shift * len(labels) / normalizer}
         for name, mask in (("chosen", labels), ("rejected", ~labels)):
             count = int(mask.sum())
             if count:
@@ -248,7 +252,8 @@ class UnpairedTask(OfflineTask):
     def update_shift(self, rewards: torch.Tensor) -> None:
         total, count = float(rewards.sum()), len(rewards)
         if self.accelerator is not None and self.accelerator.num_processes > 1:
-            packed = self.accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=rewards.device), "sum")
+            packed = self.accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=rewards.device),
+                                             "sum")
             total, count = float(packed[0]), int(packed[1])
         self.reward_sum += total
         self.reward_count += count
