@@ -1,4 +1,5 @@
-"""Encoders: how the records of one data kind become tokenized examples, and their micro-batches.
+"""Encoders: how the records of one data kind become tokenized examples, and their micro-batches (SFT, pairs,
+unpaired, ranked, rated, PRM steps).
 
 An encoder is a picklable function of (file, place, record) used by the data store (``data/store.py``), which caches
 what it returns; the dataclasses beside it are what the examples and micro-batches of that kind hold. Training
@@ -7,6 +8,7 @@ commands, evaluation and the data tools share them, so a held-out score is compu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,7 @@ from posttrain.data.batching import Batch, Layout
 from posttrain.data.formats import StepsExample, parse_preference, parse_sft, parse_steps
 from posttrain.data.store import Encoded, Encoder
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
+from posttrain.data.formats import parse_ranked, parse_rated, parse_unpaired
 
 
 class SFTEncoder(Encoder):
@@ -170,3 +173,163 @@ class StepsBatch:
 
     def to(self, device) -> "StepsBatch":
         return StepsBatch(self.batch.to(device), self.labels.to(device))
+
+
+@dataclass
+class LabelledExample:
+    example: TokenizedExample
+    label: bool
+    index: int
+    split: str
+
+    def token_ids(self):
+        return (self.example.input_ids,)
+
+    @property
+    def prompt_length(self) -> int:
+        return int(np.argmax(self.example.weights > 0))
+
+
+@dataclass
+class UnpairedBatch:
+    batch: Batch
+    mismatched: Batch | None  # prompt i + completion i+1, for KTO's KL estimate
+    labels: torch.Tensor
+    index: torch.Tensor
+    split: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
+
+    def to(self, device) -> "UnpairedBatch":
+        moved = self.mismatched.to(device) if self.mismatched is not None else None
+        return UnpairedBatch(self.batch.to(device), moved, self.labels.to(device), self.index, self.split)
+
+
+class UnpairedEncoder(Encoder):
+    """An unpaired record (or a pair, split in two) -> labelled examples."""
+
+    tallies = ("desirable",)
+
+    def __init__(self, tokenize: ExampleTokenizer):
+        self.tokenize = tokenize
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        made, dropped = [], 0
+        for example, label in parse_unpaired(path, where, record):
+            tokenized = self.tokenize(example)
+            if tokenized is None:
+                dropped += 1
+            else:
+                made.append(Encoded([tokenized], {"label": bool(label)}, {"desirable": float(label)}))
+        return made, dropped
+
+
+@dataclass
+class RankedItem:
+    responses: list[TokenizedExample]
+    scores: list[float]
+    index: int
+    split: str
+
+    def token_ids(self):
+        return tuple(r.input_ids for r in self.responses)
+
+
+@dataclass
+class RankedBatch:
+    batch: Batch  # every response of every prompt, prompt by prompt
+    slots: torch.Tensor  # [N] flat position in the [B, K] grid of each sequence
+    scores: torch.Tensor  # [B, K]
+    mask: torch.Tensor  # [B, K]
+    index: torch.Tensor
+    split: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
+
+    def to(self, device) -> "RankedBatch":
+        return RankedBatch(self.batch.to(device), self.slots.to(device), self.scores.to(device), self.mask.to(device),
+                           self.index, self.split)
+
+    def grid(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence values [N] laid out as [B, K] (zeros where a prompt has fewer responses)."""
+        out = torch.zeros(self.mask.numel(), dtype=values.dtype, device=values.device)
+        return out.index_copy(0, self.slots, values).view_as(self.mask)
+
+
+class RankedEncoder(Encoder):
+    """A ranked record -> one sequence per response, with their scores."""
+
+    tallies = ("max_width",)
+
+    def __init__(self, tokenize: ExampleTokenizer):
+        self.tokenize = tokenize
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        ranked = parse_ranked(path, where, record)
+        responses = [self.tokenize(response) for response in ranked.responses]
+        if None in responses:
+            return [], 1
+        return [Encoded(responses, {"scores": list(ranked.scores)}, {"max_width": len(responses)})], 0
+
+
+@dataclass
+class RewardExample:
+    sequences: list[TokenizedExample]  # chosen, rejected (a pair) or one rated completion
+    ratings: np.ndarray  # [len(sequences), K]; NaN where an attribute is unrated
+    margin: float
+    index: int
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.sequences) == 2
+
+
+@dataclass
+class RewardBatch:
+    batch: Batch  # every record's sequences, record by record
+    last_index: torch.Tensor  # [S] flat position of each sequence's last token
+    pairs: torch.Tensor  # [P, 2] sequence positions of (chosen, rejected)
+    pair_record: torch.Tensor  # [P] the record each pair belongs to
+    margins: torch.Tensor  # [P]
+    ratings: torch.Tensor  # [S, K]
+    sequence_record: torch.Tensor  # [S]
+    num_records: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch.num_tokens
+
+    def to(self, device) -> "RewardBatch":
+        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, Batch)) else v) for k, v in vars(self).items()}
+        return RewardBatch(**moved)
+
+
+def last_token_only(example: TokenizedExample) -> TokenizedExample:
+    """The same tokens with a single target: the last one, where the score is read (``target_index + 1``)."""
+    weights = np.zeros_like(example.weights)
+    weights[-1] = 1.0
+    return TokenizedExample(example.input_ids, weights, example.truncated, example.index)
+
+
+class RatedEncoder(Encoder):
+    """A pair or a rated completion -> its sequences (scored at the last token) with ratings and margin."""
+
+    tallies = ("pairs", "rated")
+
+    def __init__(self, tokenize: ExampleTokenizer, objectives: list[str]):
+        self.tokenize, self.objectives = tokenize, objectives
+
+    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
+        rated = parse_rated(path, where, record, self.objectives)
+        sequences = [self.tokenize(c) for c in rated.completions]
+        if None in sequences:
+            return [], 1
+        ratings = [[r.get(name) for name in self.objectives] or [None] for r in rated.ratings]
+        tally = {"pairs": float(len(sequences) == 2),
+                 "rated": float(any(v is not None and math.isfinite(v) for row in ratings for v in row))}
+        return [Encoded([last_token_only(s) for s in sequences], {"ratings": ratings, "margin": rated.margin},
+                        tally)], 0

@@ -3,75 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from posttrain.core.errors import UserError
-from posttrain.data.batching import Batch
-from posttrain.data.formats import parse_ranked
-from posttrain.data.store import Encoded, Encoder, load_examples
+from posttrain.data.store import load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.model.forward import sequence_logps
 from posttrain.objectives.ranking import check_ranking, ranking_loss
 from posttrain.train.reference import Reference
 from posttrain.train.task import OfflineTask
-
-
-@dataclass
-class RankedItem:
-    responses: list[TokenizedExample]
-    scores: list[float]
-    index: int
-    split: str
-
-    def token_ids(self):
-        return tuple(r.input_ids for r in self.responses)
-
-
-@dataclass
-class RankedBatch:
-    batch: Batch  # every response of every prompt, prompt by prompt
-    slots: torch.Tensor  # [N] flat position in the [B, K] grid of each sequence
-    scores: torch.Tensor  # [B, K]
-    mask: torch.Tensor  # [B, K]
-    index: torch.Tensor
-    split: str
-
-    @property
-    def num_tokens(self) -> int:
-        return self.batch.num_tokens
-
-    def to(self, device) -> "RankedBatch":
-        return RankedBatch(self.batch.to(device), self.slots.to(device), self.scores.to(device), self.mask.to(device),
-                           self.index, self.split)
-
-    def grid(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-sequence values [N] laid out as [B, K] (zeros where a prompt has fewer responses)."""
-        out = torch.zeros(self.mask.numel(), dtype=values.dtype, device=values.device)
-        return out.index_copy(0, self.slots, values).view_as(self.mask)
+from posttrain.data.encoders import RankedBatch, RankedEncoder, RankedItem
 
 
 def ranked_stats(module, batch: RankedBatch) -> dict[str, torch.Tensor]:
     logps = sequence_logps(module, batch.batch)
     lengths = torch.bincount(batch.batch.target_example, minlength=batch.batch.num_examples).to(logps.dtype)
     return {"logps": batch.grid(logps), "lengths": batch.grid(lengths)}
-
-
-class RankedEncoder(Encoder):
-    """A ranked record -> one sequence per response, with their scores."""
-
-    tallies = ("max_width",)
-
-    def __init__(self, tokenize: ExampleTokenizer):
-        self.tokenize = tokenize
-
-    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
-        ranked = parse_ranked(path, where, record)
-        responses = [self.tokenize(response) for response in ranked.responses]
-        if None in responses:
-            return [], 1
-        return [Encoded(responses, {"scores": list(ranked.scores)}, {"max_width": len(responses)})], 0
 
 
 class RankingTask(OfflineTask):

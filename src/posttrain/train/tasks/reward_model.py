@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,46 +23,14 @@ from torch import nn
 
 from posttrain.core.errors import UserError
 from posttrain.data.batching import Batch
-from posttrain.data.formats import parse_rated
-from posttrain.data.store import Encoded, Encoder, load_examples
+from posttrain.data.store import load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.model.forward import HeadOutputs, decoder_trunk_and_head
 from posttrain.model.load import load_classifier, save_final
 from posttrain.model.peft import merged
 from posttrain.objectives.reward import bradley_terry
 from posttrain.train.task import OfflineTask
-
-
-@dataclass
-class RewardExample:
-    sequences: list[TokenizedExample]  # chosen, rejected (a pair) or one rated completion
-    ratings: np.ndarray  # [len(sequences), K]; NaN where an attribute is unrated
-    margin: float
-    index: int
-
-    @property
-    def is_pair(self) -> bool:
-        return len(self.sequences) == 2
-
-
-@dataclass
-class RewardBatch:
-    batch: Batch  # every record's sequences, record by record
-    last_index: torch.Tensor  # [S] flat position of each sequence's last token
-    pairs: torch.Tensor  # [P, 2] sequence positions of (chosen, rejected)
-    pair_record: torch.Tensor  # [P] the record each pair belongs to
-    margins: torch.Tensor  # [P]
-    ratings: torch.Tensor  # [S, K]
-    sequence_record: torch.Tensor  # [S]
-    num_records: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.batch.num_tokens
-
-    def to(self, device) -> "RewardBatch":
-        moved = {k: (v.to(device) if isinstance(v, (torch.Tensor, Batch)) else v) for k, v in vars(self).items()}
-        return RewardBatch(**moved)
+from posttrain.data.encoders import RatedEncoder, RewardBatch, RewardExample
 
 
 class RewardWeighting(nn.Module):
@@ -84,13 +51,6 @@ class RewardWeighting(nn.Module):
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return (scores.detach() if self.learned else scores) @ self.weights().to(scores.dtype)
-
-
-def last_token_only(example: TokenizedExample) -> TokenizedExample:
-    """The same tokens with a single target: the last one, where the score is read (``target_index + 1``)."""
-    weights = np.zeros_like(example.weights)
-    weights[-1] = 1.0
-    return TokenizedExample(example.input_ids, weights, example.truncated, example.index)
 
 
 def last_positions(batch: Batch) -> torch.Tensor:
@@ -124,26 +84,6 @@ class ClassifierTask(OfflineTask):
 
     def annotate(self, model) -> None:
         """Write what later users of the model need into ``model.config``."""
-
-
-class RatedEncoder(Encoder):
-    """A pair or a rated completion -> its sequences (scored at the last token) with ratings and margin."""
-
-    tallies = ("pairs", "rated")
-
-    def __init__(self, tokenize: ExampleTokenizer, objectives: list[str]):
-        self.tokenize, self.objectives = tokenize, objectives
-
-    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
-        rated = parse_rated(path, where, record, self.objectives)
-        sequences = [self.tokenize(c) for c in rated.completions]
-        if None in sequences:
-            return [], 1
-        ratings = [[r.get(name) for name in self.objectives] or [None] for r in rated.ratings]
-        tally = {"pairs": float(len(sequences) == 2),
-                 "rated": float(any(v is not None and math.isfinite(v) for row in ratings for v in row))}
-        return [Encoded([last_token_only(s) for s in sequences], {"ratings": ratings, "margin": rated.margin},
-                        tally)], 0
 
 
 class RewardModelTask(ClassifierTask):

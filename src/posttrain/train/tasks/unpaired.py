@@ -13,71 +13,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from posttrain.core.errors import UserError
-from posttrain.data.batching import Batch
-from posttrain.data.formats import parse_unpaired
-from posttrain.data.store import Encoded, Encoder, load_examples
+from posttrain.data.store import load_examples
 from posttrain.data.tokenize import ExampleTokenizer, TokenizedExample
 from posttrain.model.forward import final_hidden_states, sequence_logps
 from posttrain.objectives.unpaired import check_unpaired, density_ratio, fit_prompt_classifier, unpaired_loss
 from posttrain.train.reference import Reference
 from posttrain.train.task import OfflineTask
-
-
-@dataclass
-class LabelledExample:
-    example: TokenizedExample
-    label: bool
-    index: int
-    split: str
-
-    def token_ids(self):
-        return (self.example.input_ids,)
-
-    @property
-    def prompt_length(self) -> int:
-        return int(np.argmax(self.example.weights > 0))
-
-
-@dataclass
-class UnpairedBatch:
-    batch: Batch
-    mismatched: Batch | None  # prompt i + completion i+1, for KTO's KL estimate
-    labels: torch.Tensor
-    index: torch.Tensor
-    split: str
-
-    @property
-    def num_tokens(self) -> int:
-        return self.batch.num_tokens
-
-    def to(self, device) -> "UnpairedBatch":
-        moved = self.mismatched.to(device) if self.mismatched is not None else None
-        return UnpairedBatch(self.batch.to(device), moved, self.labels.to(device), self.index, self.split)
-
-
-class UnpairedEncoder(Encoder):
-    """An unpaired record (or a pair, split in two) -> labelled examples."""
-
-    tallies = ("desirable",)
-
-    def __init__(self, tokenize: ExampleTokenizer):
-        self.tokenize = tokenize
-
-    def encode(self, path: str, where: str, record: dict) -> tuple[list[Encoded], int]:
-        made, dropped = [], 0
-        for example, label in parse_unpaired(path, where, record):
-            tokenized = self.tokenize(example)
-            if tokenized is None:
-                dropped += 1
-            else:
-                made.append(Encoded([tokenized], {"label": bool(label)}, {"desirable": float(label)}))
-        return made, dropped
+from posttrain.data.encoders import LabelledExample, UnpairedBatch, UnpairedEncoder
 
 
 class UnpairedTask(OfflineTask):
