@@ -148,8 +148,8 @@ class SFTTask(OfflineTask):
         super().setup(model, accelerator, train, evaluation)
         if self.cfg.self_sample:
             self.self_sample(model, accelerator, train)
-        logps = lambda m, batch: {"logps": batch_logprobs(TargetLogprobs(m, self.recipe.train.logprob_chunk),
-                                                          batch)}  # noqa: E731
+        chunk = self.recipe.train.logprob_chunk
+        logps = lambda m, batch: {"logps": batch_logprobs(TargetLogprobs(m, chunk), batch)}  # noqa: E731
         args = (train, self.collate, logps, self.recipe, accelerator, self.tokenizer)
         if self.cfg.token_selection is not None:
             self.tables["selection"] = compute_targets(self.cfg.token_selection.reference, *args,
